@@ -1,0 +1,290 @@
+"""Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017) as a TF1-style graph.
+
+`MAML` builds the networks of the paper, the inner loop (`fast_adapt`: a few gradient steps on
+each task's support set) and the outer loop (Adam on the query loss after those steps, through
+them). It takes plain values (`ModelConfig`), never command-line flags.
+"""
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+import special_grads  # noqa: F401  (second derivative of max pooling where TF lacks one)
+from utils import accuracy, conv_block, grouped_conv_supported, make_norm_params, mse, normalize, to_task_channels, xent
+
+tf1 = tf.compat.v1
+
+FC_HIDDEN_SINUSOID = [40, 40]
+FC_HIDDEN_IMAGES = [256, 128, 64, 64]
+MINIIMAGENET_GRAD_CLIP = 10.0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """What the graph depends on; the defaults are the reference's flag defaults."""
+    datasource: str = 'sinusoid'
+    num_classes: int = 5
+    meta_batch_size: int = 25
+    meta_lr: float = 0.001
+    update_batch_size: int = 5
+    update_lr: float = 1e-3
+    num_updates: int = 1
+    norm: str = 'batch_norm'
+    num_filters: int = 64
+    conv: bool = True
+    max_pool: bool = False
+    stop_grad: bool = False
+
+    @property
+    def classification(self):
+        return self.datasource in ('omniglot', 'miniimagenet')
+
+
+class MAML:
+    def __init__(self, config, dim_input=1, dim_output=1, test_num_updates=5):
+        if config.datasource not in ('sinusoid', 'omniglot', 'miniimagenet'):
+            raise ValueError('Unrecognized data source: {}'.format(config.datasource))
+        self.config = config
+        self.dim_input = dim_input
+        self.dim_output = dim_output
+        self.test_num_updates = test_num_updates
+        self.update_lr = config.update_lr
+        self.meta_lr = tf1.placeholder_with_default(np.float32(config.meta_lr), (), name='meta_lr')
+        self.classification = config.classification
+        self.use_conv = self.classification and config.conv
+        if self.use_conv:
+            self.channels = 3 if config.datasource == 'miniimagenet' else 1
+            self.img_size = int(np.sqrt(dim_input / self.channels))
+        else:
+            self.dim_hidden = FC_HIDDEN_SINUSOID if config.datasource == 'sinusoid' else FC_HIDDEN_IMAGES
+        self.weights = None
+        self.norm_params = None
+        self.grouped_conv = grouped_conv_supported()
+
+    # ---------------------------------------------------------------- weights
+    def construct_weights(self):
+        """Creates the variables with the reference's names, so its checkpoints restore."""
+        if self.use_conv:
+            return self._construct_conv_weights()
+        return self._construct_fc_weights()
+
+    def _construct_fc_weights(self):
+        sizes = [self.dim_input] + self.dim_hidden + [self.dim_output]
+        weights, norm_params = {}, {}
+        for i in range(len(sizes) - 1):
+            # The reference made these with unnamed tf.Variable: Variable, Variable_1, ...
+            weights['w%d' % (i + 1)] = tf1.get_variable(
+                _unnamed(2 * i), [sizes[i], sizes[i + 1]],
+                initializer=tf1.truncated_normal_initializer(stddev=0.01))
+            weights['b%d' % (i + 1)] = tf1.get_variable(
+                _unnamed(2 * i + 1), [sizes[i + 1]], initializer=tf1.zeros_initializer())
+        for i, width in enumerate(self.dim_hidden):
+            norm_params[i] = make_norm_params(self.config.norm, _fc_norm_scope(i), width)
+        return weights, norm_params
+
+    def _construct_conv_weights(self):
+        filters, k = self.config.num_filters, 3
+        conv_init = tf1.glorot_uniform_initializer()
+        weights, norm_params = {}, {}
+        in_channels = self.channels
+        for i in range(4):
+            weights['conv%d' % (i + 1)] = tf1.get_variable(
+                'conv%d' % (i + 1), [k, k, in_channels, filters], initializer=conv_init)
+            weights['b%d' % (i + 1)] = tf1.get_variable(
+                _unnamed(i), [filters], initializer=tf1.zeros_initializer())
+            in_channels = filters
+        if self.config.datasource == 'miniimagenet':
+            # Four 2x2 max pools take 84x84 to 5x5; the head sees the flattened map.
+            weights['w5'] = tf1.get_variable('w5', [filters * 5 * 5, self.dim_output],
+                                             initializer=tf1.glorot_uniform_initializer())
+        else:
+            # Omniglot's head is drawn from a *standard* normal, as in the reference.
+            weights['w5'] = tf1.get_variable('w5', [filters, self.dim_output],
+                                             initializer=tf1.random_normal_initializer(stddev=1.0))
+        weights['b5'] = tf1.get_variable('b5', [self.dim_output], initializer=tf1.zeros_initializer())
+        for i in range(4):
+            norm_params[i] = make_norm_params(self.config.norm, str(i), filters)
+        return weights, norm_params
+
+    # ---------------------------------------------------------------- networks
+    def forward(self, inp, weights):
+        """The network on a batch of tasks, inp [tasks, examples, dim].
+
+        `weights` are either the shared weights or one copy per task (a leading task axis).
+        Normalisation statistics are always those of one task.
+        """
+        return self.forward_conv(inp, weights) if self.use_conv else self.forward_fc(inp, weights)
+
+    def forward_fc(self, inp, weights):
+        hidden = inp
+        for i in range(len(self.dim_hidden)):
+            hidden = _dense(hidden, weights['w%d' % (i + 1)], weights['b%d' % (i + 1)])
+            hidden = normalize(hidden, self.config.norm, self.norm_params[i], batch_axes=[1],
+                               feature_axes=[2])
+        last = len(self.dim_hidden) + 1
+        return _dense(hidden, weights['w%d' % last], weights['b%d' % last])
+
+    def forward_conv(self, inp, weights):
+        num_tasks = inp.shape[0]
+        images = tf.reshape(inp, [num_tasks, -1, self.img_size, self.img_size, self.channels])
+        if weights['conv1'].shape.rank == 4:
+            features = self._conv_layers_shared(images, weights)
+        else:
+            features = self._conv_layers_per_task(images, weights)
+        # features: [tasks, examples, H, W, F]
+        if self.config.datasource == 'miniimagenet':
+            _, _, height, width, filters = features.shape
+            features = tf.reshape(features, [num_tasks, -1, height * width * filters])
+        else:
+            features = tf.reduce_mean(features, [2, 3])
+        return _dense(features, weights['w5'], weights['b5'])
+
+    def _conv_layers_shared(self, images, weights):
+        """All tasks' examples as one batch through the shared kernels (normalised per task)."""
+        num_tasks = images.shape[0]
+        x = tf.reshape(images, [-1] + images.shape[2:].as_list())
+        strides = [1, 1, 1, 1] if self.config.max_pool else [1, 2, 2, 1]
+        for i in range(4):
+            x = tf.nn.conv2d(x, weights['conv%d' % (i + 1)], strides, 'SAME') + weights['b%d' % (i + 1)]
+            per_task = tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
+            per_task = normalize(per_task, self.config.norm, self.norm_params[i],
+                                 batch_axes=[1, 2, 3], feature_axes=[2, 3, 4])
+            x = tf.reshape(per_task, [-1] + x.shape[1:].as_list())
+            if self.config.max_pool:
+                x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
+        return tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
+
+    def _conv_layers_per_task(self, images, weights):
+        """Each task through its own kernels, its channels side by side (grouped convolution)."""
+        num_tasks = images.shape[0]
+        x = to_task_channels(images)
+        for i in range(4):
+            x = conv_block(x, weights['conv%d' % (i + 1)], weights['b%d' % (i + 1)], self.config.norm,
+                           self.norm_params[i], self.config.max_pool, self.grouped_conv)
+        _, height, width, _ = x.shape
+        x = tf.reshape(x, [-1, height, width, num_tasks, self.config.num_filters])
+        return tf.transpose(x, [3, 0, 1, 2, 4])
+
+    def loss_func(self, pred, label):
+        if self.classification:
+            return xent(pred, label, self.config.update_batch_size)
+        return mse(pred, label)
+
+    # ---------------------------------------------------------------- MAML
+    def fast_adapt(self, inputa, labela, inputb, labelb, num_steps):
+        """Algorithm 1's inner loop for every task of the batch at once.
+
+        Each task gets its own copy of the weights; `num_steps` gradient steps on the support set
+        (a) turn them into fast weights, and after each step the query set (b) is evaluated.
+        Returns (outputa, lossa, [outputb after step j], [lossb after step j]).
+        """
+        num_tasks = inputa.shape[0]
+        # The pre-update quantities need no per-task copies: one batch through the shared weights.
+        outputa = self.forward(inputa, self.weights)
+        lossa = self.loss_func(outputa, labela)
+        fast_weights = {k: _per_task(v, num_tasks) for k, v in self.weights.items()}
+        outputbs, lossesb = [], []
+        for _ in range(num_steps):
+            support_loss = self.loss_func(self.forward(inputa, fast_weights), labela)
+            fast_weights = self._gradient_step(support_loss, fast_weights)
+            outputbs.append(self.forward(inputb, fast_weights))
+            lossesb.append(self.loss_func(outputbs[-1], labelb))
+        return outputa, lossa, outputbs, lossesb
+
+    def _gradient_step(self, loss, weights):
+        # Tasks are independent, so the gradient of the summed loss with respect to task t's copy
+        # of the weights is the gradient of task t's own loss.
+        grads = tf.gradients(tf.reduce_sum(loss), list(weights.values()))
+        if self.config.stop_grad:
+            grads = [tf.stop_gradient(g) for g in grads]   # first-order MAML
+        return {k: w - self.update_lr * g for (k, w), g in zip(weights.items(), grads)}
+
+    def construct_model(self, input_tensors=None, prefix='metatrain_'):
+        """Builds the inner loop over a meta-batch, its losses, summaries and (for training) ops.
+
+        The graph holds max(num_updates, test_num_updates) inner steps; TensorFlow runs only those
+        that a fetched tensor needs, so the training op pays for num_updates steps alone.
+        """
+        cfg = self.config
+        if input_tensors is None:
+            input_tensors = self._placeholders()
+        self.inputa, self.inputb = input_tensors['inputa'], input_tensors['inputb']
+        self.labela, self.labelb = input_tensors['labela'], input_tensors['labelb']
+
+        with tf1.variable_scope('model', reuse=tf1.AUTO_REUSE):
+            if self.weights is None:
+                self.weights, self.norm_params = self.construct_weights()
+            num_steps = max(self.test_num_updates, cfg.num_updates)
+            outputa, lossa, outputbs, lossesb = self.fast_adapt(
+                self.inputa, self.labela, self.inputb, self.labelb, num_steps)
+
+        meta_batch = float(cfg.meta_batch_size)
+        total_loss1 = tf.reduce_sum(lossa) / meta_batch
+        total_losses2 = [tf.reduce_sum(loss) / meta_batch for loss in lossesb]
+        total_accuracy1 = total_accuracies2 = None
+        if self.classification:
+            total_accuracy1 = tf.reduce_sum(accuracy(outputa, self.labela)) / meta_batch
+            total_accuracies2 = [tf.reduce_sum(accuracy(out, self.labelb)) / meta_batch
+                                 for out in outputbs]
+
+        if 'train' in prefix:
+            self.outputas, self.outputbs = outputa, outputbs
+            self.total_loss1, self.total_losses2 = total_loss1, total_losses2
+            self.total_accuracy1, self.total_accuracies2 = total_accuracy1, total_accuracies2
+            self._build_train_ops()
+        else:
+            self.metaval_outputas, self.metaval_outputbs = outputa, outputbs
+            self.metaval_total_loss1, self.metaval_total_losses2 = total_loss1, total_losses2
+            self.metaval_total_accuracy1 = total_accuracy1
+            self.metaval_total_accuracies2 = total_accuracies2
+
+        summaries = [tf1.summary.scalar(prefix + 'Pre-update loss', total_loss1)]
+        if self.classification:
+            summaries.append(tf1.summary.scalar(prefix + 'Pre-update accuracy', total_accuracy1))
+        for j in range(num_steps):
+            summaries.append(tf1.summary.scalar(prefix + 'Post-update loss, step ' + str(j + 1),
+                                                total_losses2[j]))
+            if self.classification:
+                summaries.append(tf1.summary.scalar(
+                    prefix + 'Post-update accuracy, step ' + str(j + 1), total_accuracies2[j]))
+        setattr(self, prefix + 'summ_op', tf1.summary.merge(summaries))
+
+    def _build_train_ops(self):
+        """Pre-training (Adam on the pre-update loss) and the meta-update (Adam through the inner loop)."""
+        self.pretrain_op = tf1.train.AdamOptimizer(self.meta_lr).minimize(self.total_loss1)
+        optimizer = tf1.train.AdamOptimizer(self.meta_lr)
+        self.gvs = optimizer.compute_gradients(self.total_losses2[self.config.num_updates - 1])
+        gvs = self.gvs
+        if self.config.datasource == 'miniimagenet':
+            gvs = [(tf.clip_by_value(g, -MINIIMAGENET_GRAD_CLIP, MINIIMAGENET_GRAD_CLIP), v)
+                   for g, v in gvs]
+        self.metatrain_op = optimizer.apply_gradients(gvs)
+
+    def _placeholders(self):
+        shape = [self.config.meta_batch_size, None]
+        return {'inputa': tf1.placeholder(tf.float32, shape + [self.dim_input], name='inputa'),
+                'inputb': tf1.placeholder(tf.float32, shape + [self.dim_input], name='inputb'),
+                'labela': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labela'),
+                'labelb': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labelb')}
+
+
+def _unnamed(index):
+    """The name TF1 gave the index-th unnamed tf.Variable of a scope."""
+    return 'Variable' if index == 0 else 'Variable_%d' % index
+
+
+def _fc_norm_scope(layer):
+    """The reference scoped the fully connected net's norms '0', '2', '3', ...: layer i>0 is i+1."""
+    return '0' if layer == 0 else str(layer + 1)
+
+
+def _dense(x, weight, bias):
+    """x [tasks, examples, d] times a shared [d, h] or per-task [tasks, d, h] weight, plus bias."""
+    if weight.shape.rank == 2:
+        return tf.tensordot(x, weight, [[2], [0]]) + bias
+    return tf.matmul(x, weight) + bias[:, None, :]
+
+
+def _per_task(weight, num_tasks):
+    """One copy of a weight per task: [..] -> [tasks, ..]."""
+    return tf.tile(weight[None], [num_tasks] + [1] * weight.shape.rank)

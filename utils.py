@@ -1,0 +1,212 @@
+"""Network pieces, losses, experiment naming and checkpoint bookkeeping shared by the MAML code.
+
+Every network function here works on a whole meta-batch at once: the leading axis of an
+activation or of a fast weight is the task. That replaces the reference's `tf.map_fn` over
+tasks, so TensorFlow prunes inner steps that nothing fetched and runs no while loop.
+"""
+import os
+import re
+import time
+
+import tensorflow as tf
+
+tf1 = tf.compat.v1
+
+NORMS = ('batch_norm', 'layer_norm', 'None')
+BATCH_NORM_EPSILON = 1e-3    # tf.contrib.layers.batch_norm's default
+LAYER_NORM_EPSILON = 1e-12   # tf.contrib.layers.layer_norm's default
+
+
+class UserError(Exception):
+    """Bad input from the user: main.py prints the message as one line and exits non-zero."""
+
+
+## Normalisation
+def make_norm_params(norm, scope, num_channels):
+    """Creates the learned offset (and, for layer norm, scale) of one normalisation layer."""
+    if norm == 'None':
+        return {}
+    with tf1.variable_scope(scope):
+        params = {'beta': tf1.get_variable('beta', [num_channels], initializer=tf1.zeros_initializer())}
+        if norm == 'layer_norm':
+            params['gamma'] = tf1.get_variable('gamma', [num_channels], initializer=tf1.ones_initializer())
+    return params
+
+
+def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu):
+    """Batch norm, layer norm or nothing, then the activation.
+
+    Batch norm is transductive, as in the reference: it always uses the moments of the current
+    batch (over `batch_axes`: one task's examples and spatial positions), at training and test
+    time alike, and has an offset but no scale. It is written with moments rather than the fused
+    kernel because the fused kernel's second derivative is wrong inside the inner loop.
+    Layer norm normalises each example over `feature_axes` with an offset and a scale.
+    """
+    if norm == 'batch_norm':
+        mean, variance = tf.nn.moments(x, batch_axes, keepdims=True)
+        x = tf.nn.batch_normalization(x, mean, variance, params['beta'], None, BATCH_NORM_EPSILON)
+    elif norm == 'layer_norm':
+        mean, variance = tf.nn.moments(x, feature_axes, keepdims=True)
+        x = tf.nn.batch_normalization(x, mean, variance, params['beta'], params['gamma'],
+                                      LAYER_NORM_EPSILON)
+    return activation(x) if activation is not None else x
+
+
+## Convolutions with one kernel per task
+def to_task_channels(images):
+    """[tasks, examples, H, W, C] -> [examples, H, W, tasks*C], the layout of grouped convolution."""
+    tasks, _, height, width, channels = images.shape
+    x = tf.transpose(images, [1, 2, 3, 0, 4])
+    return tf.reshape(x, [-1, height, width, tasks * channels])
+
+
+def split_task_channels(x, num_tasks):
+    """[examples, H, W, tasks*F] -> [examples, H, W, tasks, F] (a free reshape)."""
+    _, height, width, channels = x.shape
+    return tf.reshape(x, [-1, height, width, num_tasks, channels // num_tasks])
+
+
+def grouped_conv_supported():
+    """Grouped convolution runs on GPUs and, on CPUs, only with oneDNN (TF's x86 default)."""
+    if tf.config.list_physical_devices('GPU'):
+        return True
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
+
+
+def conv_per_task(x, kernels, strides, grouped):
+    """Convolves task t's channels of x [examples, H, W, tasks*C] with kernels[t] [3, 3, C, F].
+
+    One grouped convolution (input channels = tasks * kernel input channels) does all tasks at
+    once; without it (CPU without oneDNN) each task gets its own convolution.
+    """
+    num_tasks, kh, kw, cin, cout = kernels.shape
+    if num_tasks == 1:
+        return tf.nn.conv2d(x, kernels[0], strides, 'SAME')
+    if grouped:
+        kernel = tf.reshape(tf.transpose(kernels, [1, 2, 3, 0, 4]), [kh, kw, cin, num_tasks * cout])
+        return tf.nn.conv2d(x, kernel, strides, 'SAME')
+    inputs = tf.split(x, num_tasks, axis=3)
+    return tf.concat([tf.nn.conv2d(inputs[t], kernels[t], strides, 'SAME')
+                      for t in range(num_tasks)], axis=3)
+
+
+def conv_block(x, kernels, biases, norm, norm_params, max_pool, grouped=True):
+    """conv (+bias) -> normalisation -> ReLU (-> 2x2 max pool), every task with its own kernel.
+
+    x: [examples, H, W, tasks*C]; kernels: [tasks, 3, 3, C, F]; biases: [tasks, F].
+    """
+    num_tasks, cout = kernels.shape[0], kernels.shape[-1]
+    strides = [1, 1, 1, 1] if max_pool else [1, 2, 2, 1]
+    x = conv_per_task(x, kernels, strides, grouped) + tf.reshape(biases, [num_tasks * cout])
+    per_task = split_task_channels(x, num_tasks)
+    per_task = normalize(per_task, norm, norm_params, batch_axes=[0, 1, 2], feature_axes=[1, 2, 4])
+    x = tf.reshape(per_task, [-1, x.shape[1], x.shape[2], num_tasks * cout])
+    if max_pool:
+        x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
+    return x
+
+
+## Losses (one value per task, or per example for classification)
+def mse(pred, label):
+    """Mean squared error of each task: [tasks, points, 1] -> [tasks]."""
+    return tf.reduce_mean(tf.square(pred - label), axis=[1, 2])
+
+
+def xent(pred, label, update_batch_size):
+    """Softmax cross entropy of each example divided by K: [tasks, examples, N] -> [tasks, examples].
+
+    Dividing by K (not by N*K) is the reference's choice: the inner step size then means the
+    same thing for every N, and the loss's gradient is that of its sum.
+    """
+    return tf.nn.softmax_cross_entropy_with_logits(labels=label, logits=pred) / update_batch_size
+
+
+def accuracy(pred, label):
+    """Fraction of examples whose arg max matches the label's, per task: -> [tasks]."""
+    correct = tf.equal(tf.argmax(pred, -1), tf.argmax(label, -1))
+    return tf.reduce_mean(tf.cast(correct, tf.float32), axis=1)
+
+
+## Experiment folder and checkpoints
+def experiment_name(num_classes, meta_batch_size, update_batch_size, num_updates, update_lr,
+                    num_filters=64, max_pool=False, stop_grad=False, baseline=None, norm='batch_norm'):
+    """The reference's `exp_string`: the folder under --logdir of one experiment's files."""
+    name = 'cls_{}.mbs_{}.ubs_{}.numstep{}.updatelr{}'.format(
+        num_classes, meta_batch_size, update_batch_size, num_updates, update_lr)
+    if num_filters != 64:
+        name += 'hidden' + str(num_filters)
+    if max_pool:
+        name += 'maxpool'
+    if stop_grad:
+        name += 'stopgrad'
+    if baseline:
+        name += baseline
+    name += {'batch_norm': 'batchnorm', 'layer_norm': 'layernorm', 'None': 'nonorm'}[norm]
+    return name
+
+
+_CHECKPOINT_NAME = re.compile(r'^model(\d+)$')
+
+
+def checkpoint_iteration(path):
+    """The N of a checkpoint `.../model{N}`, read from its file name only (not the whole path)."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(path))
+    if not match:
+        raise UserError('checkpoint {} is not named model<N>'.format(path))
+    return int(match.group(1))
+
+
+def find_checkpoint(exp_dir, test_iter=-1):
+    """The checkpoint to restore from `exp_dir`: the latest, or model{test_iter}; None if none."""
+    if test_iter > 0:
+        path = os.path.join(exp_dir, 'model' + str(test_iter))
+        if not tf1.train.checkpoint_exists(path):
+            available = sorted(checkpoint_iteration(p) for p in list_checkpoints(exp_dir))
+            raise UserError('--test_iter={}: no checkpoint {} (available: {}); pass one of those or '
+                            '-1 for the latest'.format(test_iter, path, available or 'none'))
+        return path
+    if not os.path.isdir(exp_dir):
+        return None
+    return tf1.train.latest_checkpoint(exp_dir) or _newest_checkpoint_file(exp_dir)
+
+
+def list_checkpoints(exp_dir):
+    if not os.path.isdir(exp_dir):
+        return []
+    names = {f.split('.')[0] for f in os.listdir(exp_dir) if f.endswith('.index')}
+    return [os.path.join(exp_dir, n) for n in names if _CHECKPOINT_NAME.match(n)]
+
+
+def _newest_checkpoint_file(exp_dir):
+    """Fallback when the `checkpoint` index file is missing: the model{N} with the largest N."""
+    paths = list_checkpoints(exp_dir)
+    return max(paths, key=checkpoint_iteration) if paths else None
+
+
+## Progress
+class Progress:
+    """Iterations per second and time left, measured over the last print interval."""
+
+    def __init__(self, first_itr, last_itr):
+        self.last_itr = last_itr
+        self._mark = (first_itr, time.time())
+
+    def line(self, itr):
+        start_itr, start_time = self._mark
+        now = time.time()
+        self._mark = (itr, now)
+        rate = (itr - start_itr) / max(now - start_time, 1e-9)
+        left = (self.last_itr - itr) / rate if rate > 0 else float('inf')
+        return '{:.1f} it/s, {} left'.format(rate, format_seconds(left))
+
+
+def format_seconds(seconds):
+    if seconds == float('inf'):
+        return '?'
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return '{}:{:02d}:{:02d}'.format(hours, rest // 60, rest % 60)
