@@ -1,0 +1,378 @@
+"""
+Usage Instructions:
+    10-shot sinusoid:
+        python main.py --datasource=sinusoid --logdir=logs/sine/ --metatrain_iterations=70000 --norm=None --update_batch_size=10
+
+    10-shot sinusoid baselines:
+        python main.py --datasource=sinusoid --logdir=logs/sine/ --pretrain_iterations=70000 --metatrain_iterations=0 --norm=None --update_batch_size=10 --baseline=oracle
+        python main.py --datasource=sinusoid --logdir=logs/sine/ --pretrain_iterations=70000 --metatrain_iterations=0 --norm=None --update_batch_size=10
+
+    5-way, 1-shot omniglot:
+        python main.py --datasource=omniglot --metatrain_iterations=60000 --meta_batch_size=32 --update_batch_size=1 --update_lr=0.4 --num_updates=1 --logdir=logs/omniglot5way/
+
+    20-way, 1-shot omniglot:
+        python main.py --datasource=omniglot --metatrain_iterations=60000 --meta_batch_size=16 --update_batch_size=1 --num_classes=20 --update_lr=0.1 --num_updates=5 --logdir=logs/omniglot20way/
+
+    5-way 1-shot mini imagenet:
+        python main.py --datasource=miniimagenet --metatrain_iterations=60000 --meta_batch_size=4 --update_batch_size=1 --update_lr=0.01 --num_updates=5 --num_classes=5 --logdir=logs/miniimagenet1shot/ --num_filters=32 --max_pool=True
+
+    5-way 5-shot mini imagenet:
+        python main.py --datasource=miniimagenet --metatrain_iterations=60000 --meta_batch_size=4 --update_batch_size=5 --update_lr=0.01 --num_updates=5 --num_classes=5 --logdir=logs/miniimagenet5shot/ --num_filters=32 --max_pool=True
+
+    To run evaluation, use the '--train=False' flag and the '--test_set=True' flag to use the test set.
+
+    For omniglot and miniimagenet training, acquire the dataset online, put it in the correspoding data
+    directory, and see the python scripts data/prepare_omniglot.py and data/prepare_miniimagenet.py.
+"""
+import csv
+import os
+import pickle
+import random
+import signal
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import data_generator as data  # noqa: E402
+from maml import MAML, ModelConfig  # noqa: E402
+from utils import (NORMS, Progress, UserError, checkpoint_iteration, experiment_name,  # noqa: E402
+                   find_checkpoint)
+
+tf1 = tf.compat.v1
+FLAGS = flags.FLAGS
+
+## Dataset/method options
+flags.DEFINE_string('datasource', 'sinusoid', 'sinusoid or omniglot or miniimagenet')
+flags.DEFINE_integer('num_classes', 5, 'number of classes used in classification (e.g. 5-way classification).')
+# oracle means task id is input (only suitable for sinusoid)
+flags.DEFINE_string('baseline', None, 'oracle, or None')
+
+## Training options
+flags.DEFINE_integer('pretrain_iterations', 0, 'number of pre-training iterations.')
+flags.DEFINE_integer('metatrain_iterations', 15000, 'number of metatraining iterations.')  # 15k for omniglot, 50k for sinusoid
+flags.DEFINE_integer('meta_batch_size', 25, 'number of tasks sampled per meta-update')
+flags.DEFINE_float('meta_lr', 0.001, 'the base learning rate of the generator')
+flags.DEFINE_integer('update_batch_size', 5, 'number of examples used for inner gradient update (K for K-shot learning).')
+flags.DEFINE_float('update_lr', 1e-3, 'step size alpha for inner gradient update.')  # 0.1 for omniglot
+flags.DEFINE_integer('num_updates', 1, 'number of inner gradient updates during training.')
+
+## Model options
+flags.DEFINE_string('norm', 'batch_norm', 'batch_norm, layer_norm, or None')
+flags.DEFINE_integer('num_filters', 64, 'number of filters for conv nets -- 32 for miniimagenet, 64 for omiglot.')
+flags.DEFINE_bool('conv', True, 'whether or not to use a convolutional network, only applicable in some cases')
+flags.DEFINE_bool('max_pool', False, 'Whether or not to use max pooling rather than strided convolutions')
+flags.DEFINE_bool('stop_grad', False, 'if True, do not use second derivatives in meta-optimization (for speed)')
+
+## Logging, saving, and testing options
+flags.DEFINE_bool('log', True, 'if false, do not log summaries, for debugging code.')
+flags.DEFINE_string('logdir', '/tmp/data', 'directory for summaries and checkpoints.')
+flags.DEFINE_bool('resume', True, 'resume training if there is a model available')
+flags.DEFINE_bool('train', True, 'True to train, False to test.')
+flags.DEFINE_integer('test_iter', -1, 'iteration to load model (-1 for latest model)')
+flags.DEFINE_bool('test_set', False, 'Set to true to test on the the test set, False for the validation set.')
+flags.DEFINE_integer('train_update_batch_size', -1, 'number of examples used for gradient update during training (use if you want to test with a different number).')
+flags.DEFINE_float('train_update_lr', -1, 'value of inner gradient step step during training. (use if you want to test with a different value)')  # 0.1 for omniglot
+
+## Added by this port
+flags.DEFINE_string('data_root', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data'),
+                    'folder holding omniglot_resized/ and miniImagenet/')
+
+SUMMARY_INTERVAL = 100
+SAVE_INTERVAL = 1000
+NUM_TEST_POINTS = 600
+TRAIN_SEED = 5
+VAL_SEED, TEST_SEED = 1000, 2000
+MINIIMAGENET_TRAIN_QUERY = 15   # query images per class while training (K at test time)
+
+
+def check_flags(f):
+    """Raises UserError naming the first impossible flag value or combination."""
+    if f.datasource not in ('sinusoid', 'omniglot', 'miniimagenet'):
+        raise UserError('--datasource={!r} is not known; use sinusoid, omniglot or miniimagenet'.format(f.datasource))
+    if f.norm not in NORMS:
+        raise UserError('--norm={!r} is not known; use batch_norm, layer_norm or None'.format(f.norm))
+    if f.baseline not in (None, 'oracle'):
+        raise UserError('--baseline={!r} is not known; use oracle or leave it unset'.format(f.baseline))
+    if f.baseline == 'oracle' and f.datasource != 'sinusoid':
+        raise UserError('--baseline=oracle feeds the sinusoid amplitude and phase; it only works with --datasource=sinusoid')
+    for name in ('num_classes', 'meta_batch_size', 'update_batch_size', 'num_updates', 'num_filters'):
+        if getattr(f, name) <= 0:
+            raise UserError('--{}={} must be a positive integer'.format(name, getattr(f, name)))
+    for name in ('meta_lr', 'update_lr'):
+        if not getattr(f, name) > 0:
+            raise UserError('--{}={} must be a positive step size'.format(name, getattr(f, name)))
+    for name in ('pretrain_iterations', 'metatrain_iterations'):
+        if getattr(f, name) < 0:
+            raise UserError('--{}={} must be zero or more'.format(name, getattr(f, name)))
+    if f.train_update_batch_size != -1 and f.train_update_batch_size <= 0:
+        raise UserError('--train_update_batch_size must be positive (or -1: same as --update_batch_size)')
+    if f.train_update_lr != -1 and not f.train_update_lr > 0:
+        raise UserError('--train_update_lr must be positive (or -1: same as --update_lr)')
+    if f.datasource == 'miniimagenet' and f.conv and not f.max_pool:
+        raise UserError('--datasource=miniimagenet needs --max_pool=True: its head expects the 5x5 map '
+                        'that four 2x2 max pools leave of 84x84 images')
+    if f.train and f.pretrain_iterations + f.metatrain_iterations == 0 and f.baseline != 'oracle':
+        raise UserError('nothing to train: --pretrain_iterations and --metatrain_iterations are both 0')
+
+
+def test_num_updates_for(datasource, train):
+    if datasource == 'sinusoid':
+        return 5 if train else 10
+    if datasource == 'miniimagenet':
+        return 1 if train else 10   # evaluate at least one update during training
+    return 10
+
+
+def experiment_dir(f):
+    name = experiment_name(f.num_classes, f.meta_batch_size,
+                           f.update_batch_size if f.train_update_batch_size == -1 else f.train_update_batch_size,
+                           f.num_updates, f.update_lr if f.train_update_lr == -1 else f.train_update_lr,
+                           f.num_filters, f.max_pool, f.stop_grad, f.baseline, f.norm)
+    return os.path.join(f.logdir, name)
+
+
+def ensure_writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, '.write_test')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserError('cannot write to {} ({}); pass a writable --logdir'.format(
+            folder, error.strerror or error))
+
+
+## Data
+def image_tasks(f, split, batch_size, rounds, seed):
+    """ImageTasks for one split of Omniglot or MiniImagenet."""
+    if f.datasource == 'omniglot':
+        folders = data.omniglot_split(
+            data.omniglot_character_folders(os.path.join(f.data_root, 'omniglot_resized')), split)
+        dataset = data.load_image_dataset('omniglot', folders, 28, 1)
+        return data.ImageTasks(dataset, f.num_classes, f.update_batch_size, rounds, batch_size,
+                               rotate=True, invert=True, seed=seed)
+    folders = data.miniimagenet_class_folders(os.path.join(f.data_root, 'miniImagenet'), split)
+    dataset = data.load_image_dataset('miniimagenet', folders, 84, 3)
+    return data.ImageTasks(dataset, f.num_classes, f.update_batch_size, rounds, batch_size,
+                           rotate=False, invert=False, seed=seed)
+
+
+def sinusoid_feed(model, f, generator, rng):
+    inputs, outputs, amp, phase = generator.generate(rng)
+    if f.baseline == 'oracle':
+        inputs = data.with_oracle_inputs(inputs, amp, phase)
+    batch = data.split_support_query(inputs, outputs, f.update_batch_size)
+    return {model.inputa: batch['inputa'], model.inputb: batch['inputb'],
+            model.labela: batch['labela'], model.labelb: batch['labelb']}
+
+
+## Checkpoints
+def restore(sess, path, full_state):
+    """Restores weights (and, with full_state, the optimizer state) saved under their names.
+
+    Checkpoints of the reference hold the trainable variables only: they restore, and training
+    then starts Adam afresh.
+    """
+    stored = {name for name, _ in tf1.train.list_variables(path)}
+    weights = {v.op.name: v for v in tf1.trainable_variables()}
+    missing = sorted(set(weights) - stored)
+    if missing:
+        raise UserError('checkpoint {} lacks {} (and {} more) of this model: it was trained with other flags; '
+                        'use the training run\'s flags'.format(path, missing[0], len(missing) - 1))
+    everything = {v.op.name: v for v in tf1.global_variables()}
+    if full_state and set(everything) <= stored:
+        tf1.train.Saver(everything).restore(sess, path)
+        return True
+    tf1.train.Saver(weights).restore(sess, path)
+    return False
+
+
+## Training
+class StopRequest:
+    """Turns Ctrl-C / SIGTERM into a request to stop after the current iteration (and save)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print('Stopping after this iteration and saving a checkpoint (press again to abort)...', flush=True)
+
+
+def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, val_enabled):
+    print_interval = 1000 if f.datasource == 'sinusoid' else 100
+    test_print_interval = print_interval * 5
+    total = f.pretrain_iterations + f.metatrain_iterations
+    writer = tf1.summary.FileWriter(exp_dir, sess.graph) if f.log else None
+    print('Done initializing, starting training.')
+    prelosses, postlosses = [], []
+    progress = Progress(resume_itr, total)
+    stop = StopRequest()
+    last = f.num_updates - 1
+    for itr in range(resume_itr, total):
+        pretraining = itr < f.pretrain_iterations
+        fetches = {'op': model.pretrain_op if pretraining else model.metatrain_op}
+        if itr % SUMMARY_INTERVAL == 0 or itr % print_interval == 0:
+            fetches['summary'] = model.metatrain_summ_op
+            if model.classification:
+                fetches['pre'], fetches['post'] = model.total_accuracy1, model.total_accuracies2[last]
+            else:
+                fetches['pre'], fetches['post'] = model.total_loss1, model.total_losses2[last]
+        result = sess.run(fetches, next_feed(itr))
+
+        if itr % SUMMARY_INTERVAL == 0:
+            prelosses.append(result['pre'])
+            postlosses.append(result['post'])
+            if writer:
+                writer.add_summary(result['summary'], itr)
+                if val_enabled:
+                    writer.add_summary(sess.run(model.metaval_summ_op), itr)
+
+        if itr != 0 and itr % print_interval == 0:
+            label = 'Pretrain Iteration ' + str(itr) if pretraining else 'Iteration ' + str(itr - f.pretrain_iterations)
+            print('{}: {}, {}'.format(label, np.mean(prelosses), np.mean(postlosses)))
+            print('    ' + progress.line(itr), flush=True)
+            prelosses, postlosses = [], []
+
+        if (itr != 0 and itr % SAVE_INTERVAL == 0) or itr == total - 1 or stop.requested:
+            saver.save(sess, os.path.join(exp_dir, 'model' + str(itr)), write_meta_graph=False)
+
+        if val_enabled and itr != 0 and itr % test_print_interval == 0:
+            val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[last]])
+            print('Validation results: ' + str(val[0]) + ', ' + str(val[1]), flush=True)
+
+        if stop.requested:
+            print('Stopped after iteration {}; rerun the same command to resume.'.format(itr))
+            break
+    if writer:
+        writer.close()
+
+
+## Evaluation
+def test(model, sess, f, exp_dir, next_feed):
+    """600 tasks, meta batch 1: pre-update and after every step, mean, std and 95% CI."""
+    np.random.seed(1)
+    random.seed(1)
+    rows = []
+    for _ in range(NUM_TEST_POINTS):
+        if model.classification:
+            result = sess.run([model.metaval_total_accuracy1] + model.metaval_total_accuracies2)
+        else:
+            result = sess.run([model.total_loss1] + model.total_losses2, next_feed(None))
+        rows.append(result)
+    values = np.array(rows)
+    means = np.mean(values, 0)
+    stds = np.std(values, 0)
+    ci95 = (1.96 * stds / np.sqrt(NUM_TEST_POINTS)).astype(values.dtype)
+    print('Mean validation accuracy/loss, stddev, and confidence intervals')
+    print((means, stds, ci95))
+    stem = os.path.join(exp_dir, 'test_ubs' + str(f.update_batch_size) + '_stepsize' + str(f.update_lr))
+    with open(stem + '.pkl', 'wb') as out:
+        pickle.dump({'mses': values}, out)
+    with open(stem + '.csv', 'w', newline='') as out:
+        writer = csv.writer(out, delimiter=',')
+        writer.writerow(['update' + str(i) for i in range(len(means))])
+        writer.writerow(means)
+        writer.writerow(stds)
+        writer.writerow(ci95)
+    print('Wrote ' + stem + '.csv')
+    return means, stds, ci95
+
+
+## Putting it together
+def run(f):
+    check_flags(f)
+    if f.baseline == 'oracle':
+        # The oracle is trained on the pre-update loss only: its iterations all count as pre-training.
+        f.pretrain_iterations += f.metatrain_iterations
+        f.metatrain_iterations = 0
+    exp_dir = experiment_dir(f)
+    checkpoint = find_checkpoint(exp_dir, f.test_iter) if (f.resume or not f.train) else None
+    if not f.train and checkpoint is None:
+        raise UserError('no checkpoint to evaluate in {}; train first with the same flags and --train=True, '
+                        'or point --logdir at the training run'.format(exp_dir))
+    ensure_writable(exp_dir)
+    resume_itr = checkpoint_iteration(checkpoint) + 1 if checkpoint and f.train else 0
+    total = f.pretrain_iterations + f.metatrain_iterations
+    if f.train and resume_itr >= total:
+        print('Training already finished: {} holds iteration {} of {}; nothing to do.'.format(
+            checkpoint, resume_itr - 1, total))
+        return
+
+    tf.get_logger().setLevel('ERROR')
+    tf1.disable_eager_execution()
+    tf1.reset_default_graph()
+    tf1.set_random_seed(TRAIN_SEED)
+    meta_batch_size = f.meta_batch_size if f.train else 1   # always a meta batch of 1 when testing
+    test_num_updates = test_num_updates_for(f.datasource, f.train)
+    config = ModelConfig(datasource=f.datasource, num_classes=f.num_classes, meta_batch_size=meta_batch_size,
+                         meta_lr=f.meta_lr, update_batch_size=f.update_batch_size, update_lr=f.update_lr,
+                         num_updates=f.num_updates, norm=f.norm, num_filters=f.num_filters, conv=f.conv,
+                         max_pool=f.max_pool, stop_grad=f.stop_grad)
+    initializers = []
+    if f.datasource == 'sinusoid':
+        generator = data.SinusoidTasks(f.update_batch_size * 2, meta_batch_size)
+        model = MAML(config, 3 if f.baseline == 'oracle' else 1, 1, test_num_updates)
+        model.construct_model(prefix='metatrain_')
+        if f.train:
+            next_feed = lambda itr: sinusoid_feed(model, f, generator, data.batch_rng(TRAIN_SEED, itr))
+        else:
+            next_feed = lambda _: sinusoid_feed(model, f, generator, np.random)
+        val_enabled = False
+    else:
+        if f.train:
+            train_rounds = f.update_batch_size + (MINIIMAGENET_TRAIN_QUERY if f.datasource == 'miniimagenet'
+                                                  else f.update_batch_size)
+            train_tasks = image_tasks(f, 'train', meta_batch_size, train_rounds, TRAIN_SEED)
+            val_tasks = image_tasks(f, 'val', meta_batch_size, train_rounds, VAL_SEED)
+            model = MAML(config, train_tasks.dim_input, f.num_classes, test_num_updates)
+            tensors, init = train_tasks.make_input_tensors(resume_itr, total - resume_itr, 'train')
+            model.construct_model(tensors, prefix='metatrain_')
+            initializers.append(init)
+            eval_tasks, num_eval_batches = val_tasks, 10 ** 9
+        else:
+            eval_tasks = image_tasks(f, 'test' if f.test_set else 'val', 1, 2 * f.update_batch_size, TEST_SEED)
+            model = MAML(config, eval_tasks.dim_input, f.num_classes, test_num_updates)
+            num_eval_batches = NUM_TEST_POINTS
+        tensors, init = eval_tasks.make_input_tensors(0, num_eval_batches, 'eval')
+        model.construct_model(tensors, prefix='metaval_')
+        initializers.append(init)
+        next_feed = lambda _: None
+        val_enabled = True
+
+    saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=10)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    for op, feed in initializers:
+        sess.run(op, feed)
+    if checkpoint:
+        print('Restoring model weights from ' + checkpoint)
+        full = restore(sess, checkpoint, full_state=f.train)
+        if f.train and not full:
+            print('(weights only: the optimizer state starts fresh)')
+    if f.train:
+        train(model, sess, saver, f, exp_dir, resume_itr, next_feed, val_enabled)
+    else:
+        test(model, sess, f, exp_dir, next_feed)
+
+
+def main(argv):
+    del argv
+    try:
+        run(FLAGS)
+    except UserError as error:
+        print('error: ' + str(error), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,91 @@
+"""Checkpoints: saved inside the loop, exact resume, relaunch, reference checkpoints, --test_iter."""
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+import main
+from tests.conftest import GOLDEN
+from maml import MAML, ModelConfig
+from tests.cli import assert_one_line_error, run_main
+
+tf1 = tf.compat.v1
+FLAGS = ['--datasource=sinusoid', '--norm=None', '--update_batch_size=10', '--update_lr=0.01']
+EXP = 'cls_5.mbs_25.ubs_10.numstep1.updatelr0.01nonorm'
+MINI_CKPT = GOLDEN / 'reference_checkpoints' / 'miniimagenet1shot'
+MINI_EXP = 'cls_5.mbs_4.ubs_1.numstep5.updatelr0.01hidden32maxpoolbatchnorm'
+
+
+def checkpoint_values(path):
+    reader = tf1.train.load_checkpoint(str(path))
+    return {name: reader.get_tensor(name) for name, _ in tf1.train.list_variables(str(path))}
+
+
+def checkpoints_in(folder):
+    return sorted(p.name[:-len('.index')] for p in folder.glob('model*.index'))
+
+
+def test_interrupted_run_resumed_ends_with_the_same_weights(tmp_path):
+    full = tmp_path / 'full'
+    result = run_main(*FLAGS, '--metatrain_iterations=1200', '--logdir=' + str(full))
+    assert result.returncode == 0, result.stderr
+    assert checkpoints_in(full / EXP) == ['model1000', 'model1199']
+    assert not list((full / EXP).glob('*.meta'))     # weights and optimizer state only
+
+    # The same run, stopped after iteration 1000: only model1000 exists.
+    resumed = tmp_path / 'resumed'
+    shutil.copytree(full, resumed)
+    for f in (resumed / EXP).glob('model1199.*'):
+        f.unlink()
+    (resumed / EXP / 'checkpoint').write_text('model_checkpoint_path: "model1000"\n')
+    result = run_main(*FLAGS, '--metatrain_iterations=1200', '--logdir=' + str(resumed))
+    assert result.returncode == 0, result.stderr
+    assert 'Restoring model weights from ' + str(resumed / EXP / 'model1000') in result.stdout
+
+    want, got = checkpoint_values(full / EXP / 'model1199'), checkpoint_values(resumed / EXP / 'model1199')
+    assert set(got) == set(want) and any('Adam' in name for name in got)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+
+    # Relaunching the finished run trains nothing and does not crash.
+    before = sorted(p.name for p in (full / EXP).iterdir())
+    result = run_main(*FLAGS, '--metatrain_iterations=1200', '--logdir=' + str(full))
+    assert result.returncode == 0, result.stderr
+    assert 'already finished' in result.stdout
+    assert sorted(p.name for p in (full / EXP).iterdir()) == before
+
+    # --test_iter evaluates the named checkpoint; a missing one is a clear error.
+    result = run_main(*FLAGS, '--train=False', '--test_iter=1000', '--logdir=' + str(full))
+    assert result.returncode == 0, result.stderr
+    assert 'Restoring model weights from ' + str(full / EXP / 'model1000') in result.stdout
+    result = run_main(*FLAGS, '--train=False', '--test_iter=1234', '--logdir=' + str(full))
+    assert_one_line_error(result, 'model1234', '1000', '1199')
+
+
+def test_reference_checkpoint_resumes_training_with_fresh_optimizer(tmp_path):
+    logdir = tmp_path / 'sine'
+    shutil.copytree(GOLDEN / 'sinusoid_trained', logdir, ignore=shutil.ignore_patterns('expected'))
+    result = run_main(*FLAGS, '--metatrain_iterations=5003', '--logdir=' + str(logdir))
+    assert result.returncode == 0, result.stderr
+    assert 'optimizer state starts fresh' in result.stdout
+    new = checkpoint_values(logdir / EXP / 'model5002')
+    old = checkpoint_values(logdir / EXP / 'model4999')
+    assert set(old) < set(new)                                  # now with Adam's state
+    assert 0 < np.abs(new['model/Variable_2'] - old['model/Variable_2']).max() < 0.01
+
+
+def test_published_miniimagenet_checkpoint_restores_by_name_exactly():
+    with tf.Graph().as_default():
+        config = ModelConfig(datasource='miniimagenet', meta_batch_size=4, update_batch_size=1, update_lr=0.01,
+                             num_updates=5, num_filters=32, max_pool=True)
+        model = MAML(config, 84 * 84 * 3, 5, test_num_updates=1)
+        model.construct_model(prefix='metatrain_')
+        path = str(MINI_CKPT / MINI_EXP / 'model59000')
+        stored = dict(tf1.train.list_variables(path))
+        ours = {v.op.name: v.shape.as_list() for v in tf1.trainable_variables()}
+        assert ours == stored                          # nothing missing, nothing left over
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            assert main.restore(sess, path, full_state=True) is False   # weights only, Adam fresh
+            np.testing.assert_array_equal(sess.run(model.weights['w5']),
+                                          tf1.train.load_checkpoint(path).get_tensor('model/w5'))
