@@ -30,6 +30,7 @@ import pickle
 import random
 import signal
 import sys
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -308,6 +309,7 @@ def run(f):
             checkpoint, resume_itr - 1, total))
         return
 
+    started = time.time()
     tf.get_logger().setLevel('ERROR')
     tf1.disable_eager_execution()
     tf1.reset_default_graph()
@@ -350,6 +352,7 @@ def run(f):
         val_enabled = True
 
     saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=10)
+    print('Data and graph ready in {:.1f} s'.format(time.time() - started), flush=True)
     sess = tf1.Session()
     sess.run(tf1.global_variables_initializer())
     for op, feed in initializers:

@@ -1,0 +1,98 @@
+"""Times the paper's training commands as users run them (main.py in a subprocess).
+
+    python bench/bench_train.py sinusoid [omniglot5 omniglot20 mini1 mini5] [--data_root DIR]
+
+Prints, per configuration: start-up seconds (process start to the first iteration; the
+`graph` part is main.py's own "Data and graph ready" figure, after imports), steady-state
+milliseconds per meta-iteration (median over the progress intervals after the first), peak
+resident memory of the process, and what the run wrote (checkpoint and events file sizes).
+Omniglot is prepared from ../shared/data/omniglot into a temporary folder unless --data_root
+already holds omniglot_resized/; MiniImagenet uses generated stand-in images of the real size.
+"""
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'data'))
+
+CONFIGS = {
+    'sinusoid': (['--datasource=sinusoid', '--metatrain_iterations=6000', '--norm=None', '--update_batch_size=10'], None),
+    'omniglot5': (['--datasource=omniglot', '--metatrain_iterations=600', '--meta_batch_size=32', '--update_batch_size=1',
+                   '--update_lr=0.4', '--num_updates=1'], 'omniglot'),
+    'omniglot20': (['--datasource=omniglot', '--metatrain_iterations=300', '--meta_batch_size=16', '--update_batch_size=1',
+                    '--num_classes=20', '--update_lr=0.1', '--num_updates=5'], 'omniglot'),
+    'mini1': (['--datasource=miniimagenet', '--metatrain_iterations=300', '--meta_batch_size=4', '--update_batch_size=1',
+               '--update_lr=0.01', '--num_updates=5', '--num_classes=5', '--num_filters=32', '--max_pool=True'], 'mini'),
+    'mini5': (['--datasource=miniimagenet', '--metatrain_iterations=300', '--meta_batch_size=4', '--update_batch_size=5',
+               '--update_lr=0.01', '--num_updates=5', '--num_classes=5', '--num_filters=32', '--max_pool=True'], 'mini'),
+}
+
+
+def prepare_data(kind, data_root):
+    if kind == 'omniglot' and not (data_root / 'omniglot_resized').is_dir():
+        import prepare_omniglot
+        prepare_omniglot.prepare(data_root / 'omniglot_resized',
+                                 source_dir=REPO.parent / 'shared' / 'data' / 'omniglot')
+    if kind == 'mini' and not (data_root / 'miniImagenet').is_dir():
+        from tests.standin import make_miniimagenet_prepared
+        make_miniimagenet_prepared(data_root / 'miniImagenet', classes=(64, 16, 20), images_per_class=600)
+
+
+def run(name, data_root, logdir):
+    flags, kind = CONFIGS[name]
+    if kind:
+        prepare_data(kind, data_root)
+    cmd = [sys.executable, '-u', str(REPO / 'main.py'), *flags, '--logdir=' + str(logdir / name),
+           '--data_root=' + str(data_root)]
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    startup = graph = None
+    rates = []
+    for line in proc.stdout:
+        if line.startswith('Data and graph ready'):
+            graph = float(re.findall(r'[\d.]+', line)[0])
+        elif line.startswith('Done initializing') and startup is None:
+            startup = time.time() - start
+        elif 'it/s' in line:
+            rates.append(float(line.split()[0]))
+    if proc.wait() != 0:
+        raise SystemExit('{} failed: {}'.format(name, ' '.join(cmd)))
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    steady = sorted(rates[1:] or rates)
+    ms = 1000.0 / steady[len(steady) // 2]
+    written = {}
+    for path in (logdir / name).rglob('*'):
+        kind_of = 'events' if 'tfevents' in path.name else 'checkpoint' if path.name.startswith('model') else None
+        if kind_of:
+            written[kind_of] = written.get(kind_of, 0) + path.stat().st_size
+    ckpts = len(list((logdir / name).rglob('model*.index')))
+    print('{:<10s} start-up {:5.1f} s (data+graph {:4.1f} s) | {:7.2f} ms/meta-iteration (median of {}) | '
+          'peak RSS {:6.0f} MB | per checkpoint {:.2f} MB, events {:.2f} MB'.format(
+              name, startup, graph, ms, len(steady), peak_mb,
+              written.get('checkpoint', 0) / max(ckpts, 1) / 2 ** 20, written.get('events', 0) / 2 ** 20), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('configs', nargs='*', default=['sinusoid'], choices=sorted(CONFIGS))
+    parser.add_argument('--data_root', type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data_root or Path(tmp) / 'data'
+        data_root.mkdir(parents=True, exist_ok=True)
+        for name in args.configs:
+            # Each child's peak is reported on its own: RUSAGE_CHILDREN keeps the largest so far,
+            # so run memory-heavy configurations last or one at a time.
+            run(name, data_root, Path(tmp) / 'logs')
+
+
+if __name__ == '__main__':
+    main()
