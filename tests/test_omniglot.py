@@ -1,0 +1,350 @@
+"""Omniglot end to end on the real prepared set (session fixture `omniglot_root`).
+
+1. the 1100/100/423 character split, independent of the folder listing order;
+2. the task sampler (ImageTasks.index_dataset), decoded and checked task by task and statistically,
+   plus the pixels that make_input_tensors feeds the model;
+3. a short real training run of main.py, then its evaluation on the test set;
+4. data errors: one `error:` line naming the preparation command, never a traceback.
+"""
+import csv
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import data_generator as data  # noqa: E402
+from utils import UserError  # noqa: E402
+
+tf1 = tf.compat.v1
+PREPARE = 'prepare_omniglot.py'
+NUM_CHARACTERS, PER_CLASS, SIDE = 1623, 20, 28
+
+
+def chi2_bound(df):
+    """About the 1 - 1e-6 quantile of chi-square(df) (Wilson-Hilferty): fails only a broken sampler."""
+    z = 4.75
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2(counts):
+    counts = np.asarray(counts, float)
+    expected = counts.sum() / len(counts)
+    return float(np.sum((counts - expected) ** 2 / expected))
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope='module')
+def folders(omniglot_root):
+    return data.omniglot_character_folders(str(omniglot_root))
+
+
+@pytest.fixture(scope='module')
+def train_folders(folders):
+    return data.omniglot_split(folders, 'train')
+
+
+@pytest.fixture(scope='module')
+def train_set(train_folders):
+    return data.load_image_dataset('omniglot', train_folders, SIDE, 1)
+
+
+def omniglot_tasks(dataset, num_classes, k_shot, batch_size, seed):
+    return data.ImageTasks(dataset, num_classes, k_shot, 2 * k_shot, batch_size,
+                           rotate=True, invert=True, seed=seed)
+
+
+def draw(tasks, first, num_batches):
+    """Runs index_dataset(first, num_batches) in a graph session: ([n, B, R*N] index, label)."""
+    with tf.Graph().as_default():
+        element = tf1.data.make_one_shot_iterator(tasks.index_dataset(first, num_batches)).get_next()
+        with tf1.Session() as sess:
+            batches = [sess.run(element) for _ in range(num_batches)]
+            with pytest.raises(tf.errors.OutOfRangeError):   # exactly num_batches batches
+                sess.run(element)
+    return np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])
+
+
+def decode(image_index, num_total, per_class=PER_CLASS):
+    drawing = image_index % per_class
+    char = (image_index // per_class) % num_total
+    rotation = image_index // (per_class * num_total)
+    return rotation, char, drawing
+
+
+# ------------------------------------------------------------------------------------------ 1. split
+def test_split_sizes_disjoint_and_listing_order_independent(omniglot_root, folders, monkeypatch):
+    root = str(omniglot_root)
+    assert len(folders) == NUM_CHARACTERS and len(set(folders)) == NUM_CHARACTERS
+    splits = {s: data.omniglot_split(folders, s) for s in ('train', 'val', 'test')}
+    assert [len(splits[s]) for s in ('train', 'val', 'test')] == [1100, 100, 423]
+    sets = {s: set(v) for s, v in splits.items()}
+    assert not (sets['train'] & sets['val']) and not (sets['train'] & sets['test'])
+    assert not (sets['val'] & sets['test'])
+    assert sets['train'] | sets['val'] | sets['test'] == set(folders)
+
+    # The definition: sorted paths, then random.Random(1).shuffle.
+    import random
+    expected = sorted(str(p) for p in Path(root).glob('*/*') if p.is_dir())
+    random.Random(1).shuffle(expected)
+    assert folders == expected
+    assert folders != sorted(folders)   # really shuffled
+
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, 'listdir', lambda path='.': list(reversed(sorted(real_listdir(path)))))
+    assert data.omniglot_character_folders(root) == folders
+    for s in ('train', 'val', 'test'):
+        assert data.omniglot_split(data.omniglot_character_folders(root), s) == splits[s]
+
+
+# ------------------------------------------------------------------------------------------ 2. sampler
+@pytest.mark.parametrize('num_classes, k_shot, batch_size, num_batches', [(5, 1, 50, 6), (20, 5, 25, 8)])
+def test_sampler_task_structure_and_statistics(train_set, num_classes, k_shot, batch_size, num_batches):
+    N, K, R = num_classes, k_shot, 2 * k_shot
+    num_total = train_set.num_classes
+    assert num_total == 1100 and train_set.pixels.shape == (1100, PER_CLASS, SIDE * SIDE)
+    tasks = omniglot_tasks(train_set, N, K, batch_size, seed=5)
+    index, label = draw(tasks, 0, num_batches)
+    assert index.shape == label.shape == (num_batches, batch_size, R * N)
+    T = num_batches * batch_size
+    index = index.reshape(T, R, N).astype(np.int64)
+    label = label.reshape(T, R, N)
+    assert index.min() >= 0 and index.max() < 4 * num_total * PER_CLASS
+    rotation, char, drawing = decode(index, num_total)
+
+    # Every round holds every class once: labels balanced, K of each in support, R-K in query.
+    assert (np.sort(label, -1) == np.arange(N)).all()
+    support, query = label[:, :K].reshape(T, -1), label[:, K:].reshape(T, -1)
+    for c in range(N):
+        assert ((support == c).sum(1) == K).all() and ((query == c).sum(1) == R - K).all()
+
+    # Per class (= label): one character, one rotation, R different drawings.
+    order = np.argsort(label, -1)
+    char_of = np.take_along_axis(char, order, -1)        # [T, R, N] by label
+    rot_of = np.take_along_axis(rotation, order, -1)
+    drawing_of = np.take_along_axis(drawing, order, -1)
+    assert (char_of == char_of[:, :1]).all()
+    assert (rot_of == rot_of[:, :1]).all()
+    chars, rots = char_of[:, 0], rot_of[:, 0]             # [T, N]
+    assert (np.diff(np.sort(chars, -1), axis=-1) > 0).all()   # N distinct characters
+    assert (np.diff(np.sort(drawing_of, 1), axis=1) > 0).all()   # no drawing twice in a task
+    for t in range(T):                                  # support and query disjoint
+        assert not set(index[t, :K].ravel()) & set(index[t, K:].ravel())
+        assert len(set(index[t].ravel())) == R * N
+
+    # Distributions: rotations, drawings, characters, labels ~ uniform; classes not in label order.
+    rotation_counts = np.bincount(rots.ravel(), minlength=4)
+    assert len(rotation_counts) == 4 and chi2(rotation_counts) < chi2_bound(3), rotation_counts
+    assert (rotation_counts > 0.2 * rots.size).all()
+    drawing_counts = np.bincount(drawing_of.ravel(), minlength=PER_CLASS)
+    assert chi2(drawing_counts) < chi2_bound(PER_CLASS - 1), drawing_counts
+    char_bins = np.bincount(chars.ravel() * 10 // num_total, minlength=10)
+    assert chi2(char_bins) < chi2_bound(9), char_bins
+    assert chars.min() < 0.05 * num_total and chars.max() > 0.95 * num_total
+    assert len(np.unique(chars)) > 0.5 * min(chars.size, num_total)
+    first_slot = np.bincount(label[:, :, 0].ravel(), minlength=N)   # the class at slot 0 of a round
+    assert chi2(first_slot) < chi2_bound(N - 1), first_slot
+    rank_of_label0 = (chars < chars[:, :1]).sum(1)       # where label 0's character ranks
+    assert chi2(np.bincount(rank_of_label0, minlength=N)) < chi2_bound(N - 1)
+    # Each round has its own random order of the classes.
+    same_order = (label[:, 1:] == label[:, :1]).all(-1).mean()
+    assert same_order < 0.05, same_order
+
+
+def test_sampler_is_a_function_of_seed_and_batch_number(train_set):
+    tasks = omniglot_tasks(train_set, 5, 1, 4, seed=5)
+    index, label = draw(tasks, 0, 6)
+    resumed_index, resumed_label = draw(omniglot_tasks(train_set, 5, 1, 4, seed=5), 3, 3)
+    np.testing.assert_array_equal(resumed_index, index[3:])
+    np.testing.assert_array_equal(resumed_label, label[3:])
+    for a in range(6):
+        for b in range(a + 1, 6):
+            assert not np.array_equal(index[a], index[b])
+    other_index, _ = draw(omniglot_tasks(train_set, 5, 1, 4, seed=6), 0, 6)
+    assert not np.array_equal(other_index, index)
+    # The tasks inside one batch differ too.
+    assert len({tuple(t) for t in index.reshape(-1, 10)}) == 24
+
+
+def png_pixels(path):
+    with Image.open(path) as image:
+        assert image.mode == '1' and image.size == (SIDE, SIDE)
+        return image.copy()
+
+
+def test_input_tensors_pixels_rotations_and_labels(train_set, train_folders):
+    N, K, B, first, n = 5, 1, 4, 2, 3
+    tasks = omniglot_tasks(train_set, N, K, B, seed=11)
+    index, label = draw(tasks, first, n)
+    with tf.Graph().as_default():
+        tensors, (init_op, feed) = tasks.make_input_tensors(first, n, 'probe')
+        assert tensors['inputa'].shape.as_list()[1:] == [N * K, SIDE * SIDE]
+        with tf1.Session() as sess:
+            sess.run(init_op, feed)
+            batches = [sess.run(tensors) for _ in range(n)]
+    rotations_seen, rotated_differs = set(), 0
+    for i, batch in enumerate(batches):
+        images = np.concatenate([batch['inputa'], batch['inputb']], 1)
+        labels = np.concatenate([batch['labela'], batch['labelb']], 1)
+        assert images.shape == (B, 2 * N, SIDE * SIDE) and labels.shape == (B, 2 * N, N)
+        assert set(np.unique(images)) == {np.float32(1 - 1 / 255), np.float32(1.0)}
+        assert (labels.sum(-1) == 1).all() and set(np.unique(labels)) == {0.0, 1.0}
+        np.testing.assert_array_equal(labels.argmax(-1), label[i])
+        for b in range(B):
+            for e in range(2 * N):
+                k, c, d = (int(v) for v in decode(int(index[i, b, e]), train_set.num_classes))
+                files = sorted(f for f in os.listdir(train_folders[c]) if f.endswith('.png'))
+                assert len(files) == PER_CLASS
+                image = png_pixels(os.path.join(train_folders[c], files[d]))
+                stored = np.asarray(image).astype(np.uint8)          # 1-bit PNG: 0 (ink) / 1
+                assert set(np.unique(stored)) <= {0, 1}
+                expected = 1.0 - np.rot90(stored, k).astype(np.float32) / 255.0
+                np.testing.assert_allclose(images[b, e].reshape(SIDE, SIDE), expected, rtol=0, atol=1e-7)
+                # np.rot90 by k == k quarter turns counter-clockwise (as tf.image.rot90, PIL ROTATE_90).
+                turned = image
+                for _ in range(k):
+                    turned = turned.transpose(Image.Transpose.ROTATE_90)
+                np.testing.assert_array_equal(np.asarray(turned).astype(np.uint8), np.rot90(stored, k))
+                rotations_seen.add(k)
+                rotated_differs += k != 0 and not np.array_equal(np.rot90(stored, k), stored)
+    assert rotations_seen == {0, 1, 2, 3}
+    assert rotated_differs > 10
+
+
+# ------------------------------------------------------------------------------------------ 3. training
+def run_main(*args, timeout=240):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')
+    return subprocess.run([sys.executable, str(REPO / 'main.py')] + list(args), cwd=str(REPO), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TRAIN_ITERATIONS = 601
+OMNIGLOT_FLAGS = ['--datasource=omniglot', '--meta_batch_size=8', '--update_batch_size=1',
+                  '--update_lr=0.4', '--num_updates=1']
+EXPERIMENT = 'cls_5.mbs_8.ubs_1.numstep1.updatelr0.4batchnorm'
+
+
+def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_path):
+    data_root, logdir = str(Path(omniglot_root).parent), str(tmp_path / 'logs')
+    common = OMNIGLOT_FLAGS + ['--data_root=' + data_root, '--logdir=' + logdir]
+    trained = run_main('--metatrain_iterations={}'.format(TRAIN_ITERATIONS), *common)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    lines = re.findall(r'^Iteration (\d+): (\S+), (\S+)$', trained.stdout, re.M)
+    assert [int(i) for i, _, _ in lines] == list(range(100, TRAIN_ITERATIONS, 100))
+    post = float(lines[-1][2])
+    assert post > 0.5, trained.stdout
+    exp_dir = Path(logdir) / EXPERIMENT
+    assert (exp_dir / 'model{}.index'.format(TRAIN_ITERATIONS - 1)).is_file()
+
+    tested = run_main('--train=False', '--test_set=True', *common)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert 'Restoring model weights from' in tested.stdout
+    with open(exp_dir / 'test_ubs1_stepsize0.4.csv', newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['update{}'.format(i) for i in range(11)]
+    assert len(rows) == 4 and all(len(r) == 11 for r in rows)
+    means, stds, ci95 = (np.array(r, float) for r in rows[1:])
+    with open(exp_dir / 'test_ubs1_stepsize0.4.pkl', 'rb') as f:
+        values = pickle.load(f)['mses']
+    assert values.shape == (600, 11)
+    assert set(np.unique(values)) <= {0.0, 0.2, 0.4, 0.6, 0.8, 1.0} or np.allclose(
+        values * 5, np.round(values * 5), atol=1e-5)   # 5 query examples per task
+    np.testing.assert_allclose(means, values.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stds, values.std(0), rtol=1e-4)
+    np.testing.assert_allclose(ci95, 1.96 * values.std(0) / np.sqrt(600), rtol=1e-4)
+    assert means[1] > 0.45, means
+    assert means[1] > means[0] + 0.1, means
+
+
+# ------------------------------------------------------------------------------------------ 4. errors
+def assert_user_error(result, *fragments):
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def test_missing_data_folder(tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    result = run_main('--metatrain_iterations=1', '--data_root=' + str(empty),
+                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS)
+    assert_user_error(result, PREPARE, str(empty / 'omniglot_resized'))
+
+
+def test_too_few_characters(omniglot_root, folders, tmp_path):
+    root = tmp_path / 'data' / 'omniglot_resized'
+    for folder in folders[:7]:
+        shutil.copytree(folder, root / Path(folder).parent.name / Path(folder).name)
+    result = run_main('--metatrain_iterations=1', '--data_root=' + str(root.parent),
+                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS)
+    assert_user_error(result, PREPARE, 'found 7 character folders')
+
+
+def test_wrong_image_size_end_to_end(omniglot_root, folders, tmp_path):
+    """The full set as symlinks, except the first training character: one image there is 27x28."""
+    root = tmp_path / 'data' / 'omniglot_resized'
+    bad_folder = Path(folders[0])
+    for folder in map(Path, folders):
+        (root / folder.parent.name).mkdir(parents=True, exist_ok=True)
+        if folder != bad_folder:
+            (root / folder.parent.name / folder.name).symlink_to(folder, target_is_directory=True)
+    copy = shutil.copytree(bad_folder, root / bad_folder.parent.name / bad_folder.name)
+    bad_image = sorted(Path(copy).glob('*.png'))[3]
+    Image.new('1', (27, 28), 1).save(bad_image)
+    assert data.omniglot_character_folders(str(root))[0] == str(copy)
+    result = run_main('--metatrain_iterations=1', '--data_root=' + str(root.parent),
+                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS)
+    assert_user_error(result, PREPARE, str(bad_image), '27x28')
+
+
+def test_more_classes_than_the_split_has(omniglot_root, tmp_path):
+    result = run_main('--metatrain_iterations=1', '--num_classes=2000',
+                      '--data_root=' + str(Path(omniglot_root).parent),
+                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS[1:])
+    line = assert_user_error(result, '--num_classes=2000', '1100')
+
+
+def test_read_image_rejects_bad_files(omniglot_root, folders, tmp_path):
+    good = sorted(Path(folders[0]).glob('*.png'))[0]
+    pixels = data._read_image(str(good), SIDE, 1, 'omniglot')
+    assert pixels.dtype == np.uint8 and pixels.shape == (SIDE * SIDE,) and set(np.unique(pixels)) == {0, 1}
+
+    gray = tmp_path / 'gray.png'                     # 8-bit grayscale is fine too: 0..255
+    Image.new('L', (SIDE, SIDE), 200).save(gray)
+    assert (data._read_image(str(gray), SIDE, 1, 'omniglot') == 200).all()
+
+    cases = {'small.png': Image.new('1', (27, 28), 1), 'big.png': Image.new('L', (32, 32), 0),
+             'rgb.png': Image.new('RGB', (SIDE, SIDE), (255, 255, 255))}
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+    (tmp_path / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 20)
+    (tmp_path / 'truncated.png').write_bytes(good.read_bytes()[:60])
+    for name in ('small.png', 'big.png', 'rgb.png', 'corrupt.png', 'truncated.png'):
+        path = str(tmp_path / name)
+        with pytest.raises(UserError) as raised:
+            data._read_image(path, SIDE, 1, 'omniglot')
+        message = str(raised.value)
+        assert path in message and PREPARE in message, message
+        assert '\n' not in message
+    # A whole class folder with one bad image: load_image_dataset names that image.
+    folder = tmp_path / 'alphabet' / 'character01'
+    shutil.copytree(folders[0], folder)
+    bad = sorted(folder.glob('*.png'))[5]
+    Image.new('RGB', (SIDE, SIDE)).save(bad)
+    with pytest.raises(UserError, match=re.escape(str(bad))):
+        data.load_image_dataset('omniglot', [str(folder)], SIDE, 1)
+    with pytest.raises(UserError, match=PREPARE):
+        data.load_image_dataset('omniglot', [], SIDE, 1)
