@@ -3,6 +3,7 @@
 Every batch of tasks is a pure function of (seed, batch number), so a resumed run draws exactly
 the batches an uninterrupted one would have drawn.
 """
+import concurrent.futures
 import os
 import random
 
@@ -106,14 +107,17 @@ def load_image_dataset(datasource, class_folders, image_size, channels):
     if not class_folders:
         raise UserError('{}: no class folders found; prepare the data with: {}'.format(
             datasource, PREPARE_HINT[datasource]))
-    per_class = []
+    files_per_class = []
     for folder in class_folders:
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg')))
         if not files:
             raise UserError('{}: no images in {}; prepare the data with: {}'.format(
                 datasource, folder, PREPARE_HINT[datasource]))
-        per_class.append([_read_image(os.path.join(folder, f), image_size, channels, datasource)
-                          for f in files])
+        files_per_class.append([os.path.join(folder, f) for f in files])
+    read = lambda path: _read_image(path, image_size, channels, datasource)
+    # PIL decodes without the GIL: threads use every core.
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        per_class = [list(pool.map(read, files)) for files in files_per_class]
     counts = {len(images) for images in per_class}
     if len(counts) > 1:
         # Tasks index drawings uniformly; keep the same count in every class.

@@ -289,6 +289,29 @@ def test(model, sess, f, exp_dir, next_feed):
     return means, stds, ci95
 
 
+def build_image_model(f, config, test_num_updates, resume_itr, total):
+    """The model over tf.data task streams; returns it and the (op, feed) pairs that load the images."""
+    initializers = []
+    if f.train:
+        query = MINIIMAGENET_TRAIN_QUERY if f.datasource == 'miniimagenet' else f.update_batch_size
+        rounds = f.update_batch_size + query
+        train_tasks = image_tasks(f, 'train', config.meta_batch_size, rounds, TRAIN_SEED)
+        eval_tasks = image_tasks(f, 'val', config.meta_batch_size, rounds, VAL_SEED)
+        model = MAML(config, train_tasks.dim_input, f.num_classes, test_num_updates)
+        tensors, init = train_tasks.make_input_tensors(resume_itr, total - resume_itr, 'train')
+        model.construct_model(tensors, prefix='metatrain_')
+        initializers.append(init)
+        num_eval_batches = 10 ** 9
+    else:
+        eval_tasks = image_tasks(f, 'test' if f.test_set else 'val', 1, 2 * f.update_batch_size, TEST_SEED)
+        model = MAML(config, eval_tasks.dim_input, f.num_classes, test_num_updates)
+        num_eval_batches = NUM_TEST_POINTS
+    tensors, init = eval_tasks.make_input_tensors(0, num_eval_batches, 'eval')
+    model.construct_model(tensors, prefix='metaval_')
+    initializers.append(init)
+    return model, initializers
+
+
 ## Putting it together
 def run(f):
     check_flags(f)
@@ -331,23 +354,7 @@ def run(f):
             next_feed = lambda _: sinusoid_feed(model, f, generator, np.random)
         val_enabled = False
     else:
-        if f.train:
-            train_rounds = f.update_batch_size + (MINIIMAGENET_TRAIN_QUERY if f.datasource == 'miniimagenet'
-                                                  else f.update_batch_size)
-            train_tasks = image_tasks(f, 'train', meta_batch_size, train_rounds, TRAIN_SEED)
-            val_tasks = image_tasks(f, 'val', meta_batch_size, train_rounds, VAL_SEED)
-            model = MAML(config, train_tasks.dim_input, f.num_classes, test_num_updates)
-            tensors, init = train_tasks.make_input_tensors(resume_itr, total - resume_itr, 'train')
-            model.construct_model(tensors, prefix='metatrain_')
-            initializers.append(init)
-            eval_tasks, num_eval_batches = val_tasks, 10 ** 9
-        else:
-            eval_tasks = image_tasks(f, 'test' if f.test_set else 'val', 1, 2 * f.update_batch_size, TEST_SEED)
-            model = MAML(config, eval_tasks.dim_input, f.num_classes, test_num_updates)
-            num_eval_batches = NUM_TEST_POINTS
-        tensors, init = eval_tasks.make_input_tensors(0, num_eval_batches, 'eval')
-        model.construct_model(tensors, prefix='metaval_')
-        initializers.append(init)
+        model, initializers = build_image_model(f, config, test_num_updates, resume_itr, total)
         next_feed = lambda _: None
         val_enabled = True
 
@@ -357,6 +364,7 @@ def run(f):
     sess.run(tf1.global_variables_initializer())
     for op, feed in initializers:
         sess.run(op, feed)
+    del initializers   # the images now live in the session only
     if checkpoint:
         print('Restoring model weights from ' + checkpoint)
         full = restore(sess, checkpoint, full_state=f.train)

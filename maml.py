@@ -107,13 +107,15 @@ class MAML:
         return weights, norm_params
 
     # ---------------------------------------------------------------- networks
-    def forward(self, inp, weights):
+    def forward(self, inp, weights, per_task=False):
         """The network on a batch of tasks, inp [tasks, examples, dim].
 
-        `weights` are either the shared weights or one copy per task (a leading task axis).
-        Normalisation statistics are always those of one task.
+        `weights` are the shared weights, or with `per_task` one copy per task (see
+        `weights_per_task`). Normalisation statistics are always those of one task.
         """
-        return self.forward_conv(inp, weights) if self.use_conv else self.forward_fc(inp, weights)
+        if self.use_conv:
+            return self.forward_conv(inp, weights, per_task)
+        return self.forward_fc(inp, weights)
 
     def forward_fc(self, inp, weights):
         hidden = inp
@@ -124,13 +126,13 @@ class MAML:
         last = len(self.dim_hidden) + 1
         return _dense(hidden, weights['w%d' % last], weights['b%d' % last])
 
-    def forward_conv(self, inp, weights):
+    def forward_conv(self, inp, weights, per_task):
         num_tasks = inp.shape[0]
         images = tf.reshape(inp, [num_tasks, -1, self.img_size, self.img_size, self.channels])
-        if weights['conv1'].shape.rank == 4:
-            features = self._conv_layers_shared(images, weights)
-        else:
+        if per_task:
             features = self._conv_layers_per_task(images, weights)
+        else:
+            features = self._conv_layers_shared(images, weights)
         # features: [tasks, examples, H, W, F]
         if self.config.datasource == 'miniimagenet':
             _, _, height, width, filters = features.shape
@@ -159,8 +161,8 @@ class MAML:
         num_tasks = images.shape[0]
         x = to_task_channels(images)
         for i in range(4):
-            x = conv_block(x, weights['conv%d' % (i + 1)], weights['b%d' % (i + 1)], self.config.norm,
-                           self.norm_params[i], self.config.max_pool, self.grouped_conv)
+            x = conv_block(x, weights['conv%d' % (i + 1)], weights['b%d' % (i + 1)], num_tasks,
+                           self.config.norm, self.norm_params[i], self.config.max_pool, self.grouped_conv)
         _, height, width, _ = x.shape
         x = tf.reshape(x, [-1, height, width, num_tasks, self.config.num_filters])
         return tf.transpose(x, [3, 0, 1, 2, 4])
@@ -182,14 +184,29 @@ class MAML:
         # The pre-update quantities need no per-task copies: one batch through the shared weights.
         outputa = self.forward(inputa, self.weights)
         lossa = self.loss_func(outputa, labela)
-        fast_weights = {k: _per_task(v, num_tasks) for k, v in self.weights.items()}
+        fast_weights = self.weights_per_task(num_tasks)
         outputbs, lossesb = [], []
         for _ in range(num_steps):
-            support_loss = self.loss_func(self.forward(inputa, fast_weights), labela)
+            support_loss = self.loss_func(self.forward(inputa, fast_weights, per_task=True), labela)
             fast_weights = self._gradient_step(support_loss, fast_weights)
-            outputbs.append(self.forward(inputb, fast_weights))
+            outputbs.append(self.forward(inputb, fast_weights, per_task=True))
             lossesb.append(self.loss_func(outputbs[-1], labelb))
         return outputa, lossa, outputbs, lossesb
+
+    def weights_per_task(self, num_tasks):
+        """One copy of every weight per task.
+
+        Dense weights get a leading task axis. Convolution kernels [3, 3, C, F] and their biases
+        become [3, 3, C, tasks*F] and [tasks*F]: the tasks side by side in the channels, the
+        layout grouped convolution takes, so no step of the inner loop transposes them.
+        """
+        copies = {}
+        for name, weight in self.weights.items():
+            if self.use_conv and name not in ('w5', 'b5'):     # conv1..conv4, b1..b4
+                copies[name] = tf.tile(weight, [1] * (weight.shape.rank - 1) + [num_tasks])
+            else:
+                copies[name] = tf.tile(weight[None], [num_tasks] + [1] * weight.shape.rank)
+        return copies
 
     def _gradient_step(self, loss, weights):
         # Tasks are independent, so the gradient of the summed loss with respect to task t's copy
@@ -283,8 +300,3 @@ def _dense(x, weight, bias):
     if weight.shape.rank == 2:
         return tf.tensordot(x, weight, [[2], [0]]) + bias
     return tf.matmul(x, weight) + bias[:, None, :]
-
-
-def _per_task(weight, num_tasks):
-    """One copy of a weight per task: [..] -> [tasks, ..]."""
-    return tf.tile(weight[None], [num_tasks] + [1] * weight.shape.rank)

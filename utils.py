@@ -77,34 +77,29 @@ def grouped_conv_supported():
         return False
 
 
-def conv_per_task(x, kernels, strides, grouped):
-    """Convolves task t's channels of x [examples, H, W, tasks*C] with kernels[t] [3, 3, C, F].
+def conv_per_task(x, kernel, num_tasks, strides, grouped):
+    """Convolves each task's channels of x [examples, H, W, tasks*C] with that task's kernel.
 
-    One grouped convolution (input channels = tasks * kernel input channels) does all tasks at
-    once; without it (CPU without oneDNN) each task gets its own convolution.
+    `kernel` [3, 3, C, tasks*F] holds the tasks' kernels side by side, the layout of a grouped
+    convolution (input channels = tasks * kernel input channels), which does all tasks at once.
+    Without grouped convolution (CPU without oneDNN) each task gets its own convolution.
     """
-    num_tasks, kh, kw, cin, cout = kernels.shape
-    if num_tasks == 1:
-        return tf.nn.conv2d(x, kernels[0], strides, 'SAME')
-    if grouped:
-        kernel = tf.reshape(tf.transpose(kernels, [1, 2, 3, 0, 4]), [kh, kw, cin, num_tasks * cout])
+    if grouped or num_tasks == 1:
         return tf.nn.conv2d(x, kernel, strides, 'SAME')
-    inputs = tf.split(x, num_tasks, axis=3)
-    return tf.concat([tf.nn.conv2d(inputs[t], kernels[t], strides, 'SAME')
-                      for t in range(num_tasks)], axis=3)
+    inputs, kernels = tf.split(x, num_tasks, axis=3), tf.split(kernel, num_tasks, axis=3)
+    return tf.concat([tf.nn.conv2d(i, k, strides, 'SAME') for i, k in zip(inputs, kernels)], axis=3)
 
 
-def conv_block(x, kernels, biases, norm, norm_params, max_pool, grouped=True):
+def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=True):
     """conv (+bias) -> normalisation -> ReLU (-> 2x2 max pool), every task with its own kernel.
 
-    x: [examples, H, W, tasks*C]; kernels: [tasks, 3, 3, C, F]; biases: [tasks, F].
+    x: [examples, H, W, tasks*C]; kernel: [3, 3, C, tasks*F]; bias: [tasks*F].
     """
-    num_tasks, cout = kernels.shape[0], kernels.shape[-1]
     strides = [1, 1, 1, 1] if max_pool else [1, 2, 2, 1]
-    x = conv_per_task(x, kernels, strides, grouped) + tf.reshape(biases, [num_tasks * cout])
+    x = conv_per_task(x, kernel, num_tasks, strides, grouped) + bias
     per_task = split_task_channels(x, num_tasks)
     per_task = normalize(per_task, norm, norm_params, batch_axes=[0, 1, 2], feature_axes=[1, 2, 4])
-    x = tf.reshape(per_task, [-1, x.shape[1], x.shape[2], num_tasks * cout])
+    x = tf.reshape(per_task, [-1, x.shape[1], x.shape[2], x.shape[3]])
     if max_pool:
         x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
     return x

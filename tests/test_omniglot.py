@@ -221,51 +221,106 @@ def test_input_tensors_pixels_rotations_and_labels(train_set, train_folders):
 
 
 # ------------------------------------------------------------------------------------------ 3. training
-def run_main(*args, timeout=240):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')
-    return subprocess.run([sys.executable, str(REPO / 'main.py')] + list(args), cwd=str(REPO), env=env,
+def main_command(*args):
+    return [sys.executable, str(REPO / 'main.py')] + list(args)
+
+
+SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')
+
+
+def run_main(*args, timeout=300):
+    return subprocess.run(main_command(*args), cwd=str(REPO), env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
-TRAIN_ITERATIONS = 601
-OMNIGLOT_FLAGS = ['--datasource=omniglot', '--meta_batch_size=8', '--update_batch_size=1',
+# 5-way 5-shot (the paper's 5-shot variant, meta batch 8) with meta_lr 0.006 instead of 0.001.
+# The inputs are 1 - 1/255 (ink) against 1 (the reference's 1-bit PNG quirk, kept on purpose), so
+# the features hardly depend on the image at first and accuracy sits at chance until the first
+# convolution has grown; when it takes off depends on float rounding. 1-shot took off anywhere
+# between 300 and 800+ iterations in our runs; 5-shot (25 support images a task) took off by
+# iteration 300 with oneDNN on and off. Measured (oneDNN on / off): validation post-update accuracy
+# at iteration 500: 0.835 / 0.815; 600 test tasks after 501 iterations (oneDNN on):
+# pre-update 0.204, after one step 0.795.
+TRAIN_ITERATIONS = 501
+K_SHOT = 5
+OMNIGLOT_FLAGS = ['--datasource=omniglot', '--meta_batch_size=8', '--update_batch_size=%d' % K_SHOT,
                   '--update_lr=0.4', '--num_updates=1']
-EXPERIMENT = 'cls_5.mbs_8.ubs_1.numstep1.updatelr0.4batchnorm'
+TRAIN_FLAGS = ['--meta_lr=0.006', '--metatrain_iterations={}'.format(TRAIN_ITERATIONS)]
+EXPERIMENT = 'cls_5.mbs_8.ubs_5.numstep1.updatelr0.4batchnorm'
+RESULTS = 'test_ubs5_stepsize0.4'
 
 
 def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_path):
     data_root, logdir = str(Path(omniglot_root).parent), str(tmp_path / 'logs')
-    common = OMNIGLOT_FLAGS + ['--data_root=' + data_root, '--logdir=' + logdir]
-    trained = run_main('--metatrain_iterations={}'.format(TRAIN_ITERATIONS), *common)
+    common = OMNIGLOT_FLAGS + TRAIN_FLAGS + ['--data_root=' + data_root, '--logdir=' + logdir]
+    trained = run_main(*common)
     assert trained.returncode == 0, trained.stderr[-3000:]
     lines = re.findall(r'^Iteration (\d+): (\S+), (\S+)$', trained.stdout, re.M)
-    assert [int(i) for i, _, _ in lines] == list(range(100, TRAIN_ITERATIONS, 100))
-    post = float(lines[-1][2])
-    assert post > 0.5, trained.stdout
+    assert [int(i) for i, _, _ in lines] == list(range(100, TRAIN_ITERATIONS, 100)), trained.stdout
+    validation = re.findall(r'^Validation results: (\S+), (\S+)$', trained.stdout, re.M)
+    assert len(validation) == 1, trained.stdout
+    assert float(validation[0][1]) > 0.5, trained.stdout     # 8 tasks x 25 query images, chance 0.2
     exp_dir = Path(logdir) / EXPERIMENT
     assert (exp_dir / 'model{}.index'.format(TRAIN_ITERATIONS - 1)).is_file()
 
     tested = run_main('--train=False', '--test_set=True', *common)
     assert tested.returncode == 0, tested.stderr[-3000:]
-    assert 'Restoring model weights from' in tested.stdout
-    with open(exp_dir / 'test_ubs1_stepsize0.4.csv', newline='') as f:
+    assert 'Restoring model weights from {}'.format(exp_dir / 'model{}'.format(TRAIN_ITERATIONS - 1)) \
+        in tested.stdout
+    with open(exp_dir / (RESULTS + '.csv'), newline='') as f:
         rows = list(csv.reader(f))
     assert rows[0] == ['update{}'.format(i) for i in range(11)]
     assert len(rows) == 4 and all(len(r) == 11 for r in rows)
     means, stds, ci95 = (np.array(r, float) for r in rows[1:])
-    with open(exp_dir / 'test_ubs1_stepsize0.4.pkl', 'rb') as f:
+    with open(exp_dir / (RESULTS + '.pkl'), 'rb') as f:
         values = pickle.load(f)['mses']
     assert values.shape == (600, 11)
-    assert set(np.unique(values)) <= {0.0, 0.2, 0.4, 0.6, 0.8, 1.0} or np.allclose(
-        values * 5, np.round(values * 5), atol=1e-5)   # 5 query examples per task
-    np.testing.assert_allclose(means, values.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(stds, values.std(0), rtol=1e-4)
-    np.testing.assert_allclose(ci95, 1.96 * values.std(0) / np.sqrt(600), rtol=1e-4)
-    assert means[1] > 0.45, means
-    assert means[1] > means[0] + 0.1, means
+    np.testing.assert_allclose(values * 25, np.round(values * 25), atol=1e-3)   # 25 query images a task
+    np.testing.assert_allclose(means, values.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stds, values.std(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ci95, 1.96 * values.std(0) / np.sqrt(600), rtol=1e-4, atol=1e-6)
+    assert abs(means[0] - 0.2) < 0.05, means          # before adapting: chance
+    assert means[1] > 0.5 and means[1] > means[0] + 0.2, means
+    assert len({tuple(row) for row in values}) > 20   # 600 different tasks, not one repeated
 
 
 # ------------------------------------------------------------------------------------------ 4. errors
+@pytest.fixture(scope='module')
+def error_runs(omniglot_root, folders, tmp_path_factory):
+    """Builds the broken data roots and runs main.py on all of them at once (saves a few TF start-ups)."""
+    base = tmp_path_factory.mktemp('errors')
+    roots = {'missing': base / 'empty', 'few': base / 'few', 'bad_size': base / 'bad_size',
+             'many_classes': Path(omniglot_root).parent}
+    roots['missing'].mkdir()
+    for folder in map(Path, folders[:7]):
+        shutil.copytree(folder, roots['few'] / 'omniglot_resized' / folder.parent.name / folder.name)
+    # The full set as symlinks, except the first training character: one image there is 27x28.
+    bad_root = roots['bad_size'] / 'omniglot_resized'
+    bad_folder = Path(folders[0])
+    for folder in map(Path, folders):
+        (bad_root / folder.parent.name).mkdir(parents=True, exist_ok=True)
+        if folder != bad_folder:
+            (bad_root / folder.parent.name / folder.name).symlink_to(folder, target_is_directory=True)
+    copy = Path(shutil.copytree(bad_folder, bad_root / bad_folder.parent.name / bad_folder.name))
+    bad_image = sorted(copy.glob('*.png'))[3]
+    Image.new('1', (27, 28), 1).save(bad_image)
+    assert data.omniglot_character_folders(str(bad_root))[0] == str(copy)
+
+    processes = {}
+    for name, root in roots.items():
+        extra = ['--num_classes=2000'] if name == 'many_classes' else []
+        processes[name] = subprocess.Popen(
+            main_command('--metatrain_iterations=1', '--data_root=' + str(root),
+                         '--logdir=' + str(base / ('logs_' + name)), *(OMNIGLOT_FLAGS + extra)),
+            cwd=str(REPO), env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    results['paths'] = {'empty': roots['missing'], 'bad_image': bad_image}
+    return results
+
+
 def assert_user_error(result, *fragments):
     assert result.returncode != 0, result.stdout[-2000:]
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
@@ -273,48 +328,27 @@ def assert_user_error(result, *fragments):
     assert len(errors) == 1, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+    assert 'Done initializing' not in result.stdout
     return errors[0]
 
 
-def test_missing_data_folder(tmp_path):
-    empty = tmp_path / 'empty'
-    empty.mkdir()
-    result = run_main('--metatrain_iterations=1', '--data_root=' + str(empty),
-                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS)
-    assert_user_error(result, PREPARE, str(empty / 'omniglot_resized'))
+def test_missing_data_folder(error_runs):
+    empty = error_runs['paths']['empty']
+    assert_user_error(error_runs['missing'], PREPARE, str(empty / 'omniglot_resized'))
 
 
-def test_too_few_characters(omniglot_root, folders, tmp_path):
-    root = tmp_path / 'data' / 'omniglot_resized'
-    for folder in folders[:7]:
-        shutil.copytree(folder, root / Path(folder).parent.name / Path(folder).name)
-    result = run_main('--metatrain_iterations=1', '--data_root=' + str(root.parent),
-                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS)
-    assert_user_error(result, PREPARE, 'found 7 character folders')
+def test_too_few_characters(error_runs):
+    assert_user_error(error_runs['few'], PREPARE, 'found 7 character folders')
 
 
-def test_wrong_image_size_end_to_end(omniglot_root, folders, tmp_path):
-    """The full set as symlinks, except the first training character: one image there is 27x28."""
-    root = tmp_path / 'data' / 'omniglot_resized'
-    bad_folder = Path(folders[0])
-    for folder in map(Path, folders):
-        (root / folder.parent.name).mkdir(parents=True, exist_ok=True)
-        if folder != bad_folder:
-            (root / folder.parent.name / folder.name).symlink_to(folder, target_is_directory=True)
-    copy = shutil.copytree(bad_folder, root / bad_folder.parent.name / bad_folder.name)
-    bad_image = sorted(Path(copy).glob('*.png'))[3]
-    Image.new('1', (27, 28), 1).save(bad_image)
-    assert data.omniglot_character_folders(str(root))[0] == str(copy)
-    result = run_main('--metatrain_iterations=1', '--data_root=' + str(root.parent),
-                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS)
-    assert_user_error(result, PREPARE, str(bad_image), '27x28')
+def test_wrong_image_size_end_to_end(error_runs):
+    assert_user_error(error_runs['bad_size'], PREPARE, str(error_runs['paths']['bad_image']), '27x28')
 
 
-def test_more_classes_than_the_split_has(omniglot_root, tmp_path):
-    result = run_main('--metatrain_iterations=1', '--num_classes=2000',
-                      '--data_root=' + str(Path(omniglot_root).parent),
-                      '--logdir=' + str(tmp_path / 'logs'), *OMNIGLOT_FLAGS[1:])
-    line = assert_user_error(result, '--num_classes=2000', '1100')
+def test_more_classes_than_the_split_has(error_runs):
+    # Not a preparation problem (the full set has only 1100 training characters): the message names
+    # the flag and the number of classes instead.
+    assert_user_error(error_runs['many_classes'], '--num_classes=2000', '1100')
 
 
 def test_read_image_rejects_bad_files(omniglot_root, folders, tmp_path):
