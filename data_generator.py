@@ -4,6 +4,7 @@ Every batch of tasks is a pure function of (seed, batch number), so a resumed ru
 the batches an uninterrupted one would have drawn.
 """
 import concurrent.futures
+import hashlib
 import os
 import random
 
@@ -102,8 +103,11 @@ def miniimagenet_class_folders(root, split):
                   if os.path.isdir(os.path.join(split_dir, c)))
 
 
-def load_image_dataset(datasource, class_folders, image_size, channels):
-    """Decodes every image of the given class folders once, checking size, mode and count."""
+def load_image_dataset(datasource, class_folders, image_size, channels, cache_dir=None):
+    """Decodes every image of the given class folders once, checking size, mode and count.
+
+    With `cache_dir`, the decoded pixels are kept there and later runs skip the decoding.
+    """
     if not class_folders:
         raise UserError('{}: no class folders found; prepare the data with: {}'.format(
             datasource, PREPARE_HINT[datasource]))
@@ -114,10 +118,7 @@ def load_image_dataset(datasource, class_folders, image_size, channels):
             raise UserError('{}: no images in {}; prepare the data with: {}'.format(
                 datasource, folder, PREPARE_HINT[datasource]))
         files_per_class.append([os.path.join(folder, f) for f in files])
-    read = lambda path: _read_image(path, image_size, channels, datasource)
-    # PIL decodes without the GIL: threads use every core.
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        per_class = [list(pool.map(read, files)) for files in files_per_class]
+    per_class = _cached_pixels(files_per_class, image_size, channels, datasource, cache_dir)
     counts = {len(images) for images in per_class}
     if len(counts) > 1:
         # Tasks index drawings uniformly; keep the same count in every class.
@@ -125,6 +126,49 @@ def load_image_dataset(datasource, class_folders, image_size, channels):
         per_class = [images[:smallest] for images in per_class]
     return ImageDataset(np.stack([np.stack(images) for images in per_class]),
                         [os.path.basename(f) for f in class_folders])
+
+
+def _cached_pixels(files_per_class, image_size, channels, datasource, cache_dir):
+    """Every image's pixels, decoded once and kept in `cache_dir` (if given and writable).
+
+    The cache file is named by a hash of the file names, sizes and modification times, so any
+    change to the data makes a new one.
+    """
+    paths = [p for files in files_per_class for p in files]
+    if cache_dir is None:
+        return _split_per_class(_decode_all(paths, image_size, channels, datasource), files_per_class)
+    signature = hashlib.sha256(repr([(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+                                    + [image_size, channels]).encode()).hexdigest()[:24]
+    cache = os.path.join(cache_dir, signature + '.npy')
+    if os.path.isfile(cache):
+        try:
+            flat = np.load(cache)
+            if flat.shape == (len(paths), image_size * image_size * channels):
+                return _split_per_class(flat, files_per_class)
+        except (OSError, ValueError):
+            pass
+    flat = _decode_all(paths, image_size, channels, datasource)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        partial = cache + '.partial-%d' % os.getpid()
+        with open(partial, 'wb') as f:
+            np.save(f, flat)
+        os.replace(partial, cache)
+    except OSError:
+        pass
+    return _split_per_class(flat, files_per_class)
+
+
+def _decode_all(paths, image_size, channels, datasource):
+    read = lambda path: _read_image(path, image_size, channels, datasource)
+    # PIL decodes without the GIL: threads use every core.
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return np.stack(list(pool.map(read, paths)))
+
+
+def _split_per_class(flat, files_per_class):
+    bounds = np.cumsum([len(files) for files in files_per_class])[:-1]
+    return [list(images) for images in np.split(flat, bounds)]
 
 
 def _read_image(path, image_size, channels, datasource):

@@ -154,11 +154,11 @@ def image_tasks(f, split, batch_size, rounds, seed):
     if f.datasource == 'omniglot':
         folders = data.omniglot_split(
             data.omniglot_character_folders(os.path.join(f.data_root, 'omniglot_resized')), split)
-        dataset = data.load_image_dataset('omniglot', folders, 28, 1)
+        dataset = data.load_image_dataset('omniglot', folders, 28, 1, os.path.join(f.data_root, '.cache'))
         return data.ImageTasks(dataset, f.num_classes, f.update_batch_size, rounds, batch_size,
                                rotate=True, invert=True, seed=seed)
     folders = data.miniimagenet_class_folders(os.path.join(f.data_root, 'miniImagenet'), split)
-    dataset = data.load_image_dataset('miniimagenet', folders, 84, 3)
+    dataset = data.load_image_dataset('miniimagenet', folders, 84, 3, os.path.join(f.data_root, '.cache'))
     return data.ImageTasks(dataset, f.num_classes, f.update_batch_size, rounds, batch_size,
                            rotate=False, invert=False, seed=seed)
 

@@ -47,10 +47,12 @@ def prepare_data(kind, data_root):
 
 
 def run(name, data_root, logdir):
+    """One fresh training run of configuration `name`, its figures printed as one line."""
     flags, kind = CONFIGS[name]
+    logdir = Path(tempfile.mkdtemp(dir=logdir))
     if kind:
         prepare_data(kind, data_root)
-    cmd = [sys.executable, '-u', str(REPO / 'main.py'), *flags, '--logdir=' + str(logdir / name),
+    cmd = [sys.executable, '-u', str(REPO / 'main.py'), *flags, '--logdir=' + str(logdir),
            '--data_root=' + str(data_root)]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -69,11 +71,11 @@ def run(name, data_root, logdir):
     steady = sorted(rates[1:] or rates)
     ms = 1000.0 / steady[len(steady) // 2]
     written = {}
-    for path in (logdir / name).rglob('*'):
+    for path in logdir.rglob('*'):
         kind_of = 'events' if 'tfevents' in path.name else 'checkpoint' if path.name.startswith('model') else None
         if kind_of:
             written[kind_of] = written.get(kind_of, 0) + path.stat().st_size
-    ckpts = len(list((logdir / name).rglob('model*.index')))
+    ckpts = len(list(logdir.rglob('model*.index')))
     print('{:<10s} start-up {:5.1f} s (data+graph {:4.1f} s) | {:7.2f} ms/meta-iteration (median of {}) | '
           'peak RSS {:6.0f} MB | per checkpoint {:.2f} MB, events {:.2f} MB'.format(
               name, startup, graph, ms, len(steady), peak_mb,
@@ -91,7 +93,9 @@ def main():
         for name in args.configs:
             # Each child's peak is reported on its own: RUSAGE_CHILDREN keeps the largest so far,
             # so run memory-heavy configurations last or one at a time.
-            run(name, data_root, Path(tmp) / 'logs')
+            logs = Path(tmp) / 'logs'
+            logs.mkdir(exist_ok=True)
+            run(name, data_root, logs)
 
 
 if __name__ == '__main__':

@@ -382,3 +382,23 @@ def test_read_image_rejects_bad_files(omniglot_root, folders, tmp_path):
         data.load_image_dataset('omniglot', [str(folder)], SIDE, 1)
     with pytest.raises(UserError, match=PREPARE):
         data.load_image_dataset('omniglot', [], SIDE, 1)
+
+
+def test_decoded_pixels_are_cached_and_a_changed_file_invalidates_the_cache(train_folders, tmp_path):
+    from data_generator import load_image_dataset
+    folders = []
+    for folder in train_folders[:6]:
+        copy = tmp_path / 'chars' / Path(folder).name
+        shutil.copytree(folder, copy)
+        folders.append(str(copy))
+    cache = tmp_path / 'cache'
+    first = load_image_dataset('omniglot', folders, 28, 1, str(cache))
+    assert len(list(cache.glob('*.npy'))) == 1
+    again = load_image_dataset('omniglot', folders, 28, 1, str(cache))
+    np.testing.assert_array_equal(again.pixels, first.pixels)
+    np.testing.assert_array_equal(load_image_dataset('omniglot', folders, 28, 1).pixels, first.pixels)
+    victim = sorted(Path(folders[0]).glob('*.png'))[0]
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(victim)       # different content and size
+    changed = load_image_dataset('omniglot', folders, 28, 1, str(cache))
+    assert len(list(cache.glob('*.npy'))) == 2
+    assert changed.pixels[0, 0].sum() == 0 and first.pixels[0, 0].sum() > 0
