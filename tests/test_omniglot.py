@@ -387,8 +387,8 @@ def test_read_image_rejects_bad_files(omniglot_root, folders, tmp_path):
 def test_decoded_pixels_are_cached_and_a_changed_file_invalidates_the_cache(train_folders, tmp_path):
     from data_generator import load_image_dataset
     folders = []
-    for folder in train_folders[:6]:
-        copy = tmp_path / 'chars' / Path(folder).name
+    for i, folder in enumerate(train_folders[:6]):
+        copy = tmp_path / 'chars' / '{}_{}'.format(i, Path(folder).name)
         shutil.copytree(folder, copy)
         folders.append(str(copy))
     cache = tmp_path / 'cache'
