@@ -27,11 +27,11 @@ CONFIGS = {
     'sinusoid': (['--datasource=sinusoid', '--metatrain_iterations=6000', '--norm=None', '--update_batch_size=10'], None),
     'omniglot5': (['--datasource=omniglot', '--metatrain_iterations=600', '--meta_batch_size=32', '--update_batch_size=1',
                    '--update_lr=0.4', '--num_updates=1'], 'omniglot'),
-    'omniglot20': (['--datasource=omniglot', '--metatrain_iterations=300', '--meta_batch_size=16', '--update_batch_size=1',
+    'omniglot20': (['--datasource=omniglot', '--metatrain_iterations=201', '--meta_batch_size=16', '--update_batch_size=1',
                     '--num_classes=20', '--update_lr=0.1', '--num_updates=5'], 'omniglot'),
-    'mini1': (['--datasource=miniimagenet', '--metatrain_iterations=300', '--meta_batch_size=4', '--update_batch_size=1',
+    'mini1': (['--datasource=miniimagenet', '--metatrain_iterations=201', '--meta_batch_size=4', '--update_batch_size=1',
                '--update_lr=0.01', '--num_updates=5', '--num_classes=5', '--num_filters=32', '--max_pool=True'], 'mini'),
-    'mini5': (['--datasource=miniimagenet', '--metatrain_iterations=300', '--meta_batch_size=4', '--update_batch_size=5',
+    'mini5': (['--datasource=miniimagenet', '--metatrain_iterations=201', '--meta_batch_size=4', '--update_batch_size=5',
                '--update_lr=0.01', '--num_updates=5', '--num_classes=5', '--num_filters=32', '--max_pool=True'], 'mini'),
 }
 
@@ -46,9 +46,12 @@ def prepare_data(kind, data_root):
         make_miniimagenet_prepared(data_root / 'miniImagenet', classes=(64, 16, 20), images_per_class=600)
 
 
-def run(name, data_root, logdir):
+def run(name, data_root, logdir, iterations=None):
     """One fresh training run of configuration `name`, its figures printed as one line."""
     flags, kind = CONFIGS[name]
+    if iterations:
+        flags = [f for f in flags if not f.startswith('--metatrain_iterations')]
+        flags.append('--metatrain_iterations=%d' % iterations)
     logdir = Path(tempfile.mkdtemp(dir=logdir))
     if kind:
         prepare_data(kind, data_root)
@@ -86,6 +89,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('configs', nargs='*', default=['sinusoid'], choices=sorted(CONFIGS))
     parser.add_argument('--data_root', type=Path, default=None)
+    parser.add_argument('--iterations', type=int, default=None,
+                        help='override the iterations (101: one progress interval, warm-up included)')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data_root or Path(tmp) / 'data'
@@ -95,7 +100,7 @@ def main():
             # so run memory-heavy configurations last or one at a time.
             logs = Path(tmp) / 'logs'
             logs.mkdir(exist_ok=True)
-            run(name, data_root, logs)
+            run(name, data_root, logs, args.iterations)
 
 
 if __name__ == '__main__':
