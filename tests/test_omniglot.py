@@ -228,7 +228,7 @@ def main_command(*args):
 SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')
 
 
-def run_main(*args, timeout=300):
+def run_main(*args, timeout=900):
     return subprocess.run(main_command(*args), cwd=str(REPO), env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=timeout)
 
