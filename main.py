@@ -116,7 +116,7 @@ def check_flags(f):
     if f.datasource == 'miniimagenet' and f.conv and not f.max_pool:
         raise UserError('--datasource=miniimagenet needs --max_pool=True: its head expects the 5x5 map '
                         'that four 2x2 max pools leave of 84x84 images')
-    if f.train and f.pretrain_iterations + f.metatrain_iterations == 0 and f.baseline != 'oracle':
+    if f.train and f.pretrain_iterations + f.metatrain_iterations == 0:
         raise UserError('nothing to train: --pretrain_iterations and --metatrain_iterations are both 0')
 
 
