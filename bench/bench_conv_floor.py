@@ -1,0 +1,159 @@
+"""How fast one Omniglot meta-iteration could be on this machine: the convolutions' floor.
+
+    python bench/bench_conv_floor.py [omniglot5 omniglot20 omniglot5_first_order]
+
+Builds the training graph of the paper's command (random inputs: no data needed), lists every
+convolution that one traced meta-update runs (forward, backprop-input, backprop-filter, and those of
+the second-order pass), and times each one alone at its real shape twice: as the graph runs it
+(each task with its own kernel: a grouped convolution) and as one plain convolution with the
+tasks in the batch. The latter does the same arithmetic in the fastest form oneDNN offers here,
+so its sum bounds from below any implementation that computes the same exact meta-gradient in
+float32. Also prints the measured time of the whole meta-update for comparison.
+"""
+import argparse
+import collections
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from maml import MAML, ModelConfig  # noqa: E402
+
+tf1 = tf.compat.v1
+CONV_OPS = ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter')
+CONFIGS = {   # the paper's commands; the reference's ms per meta-iteration on TF 1.15 (issue 3)
+    'omniglot5': (dict(num_classes=5, meta_batch_size=32, update_batch_size=1, update_lr=0.4, num_updates=1), 136),
+    'omniglot20': (dict(num_classes=20, meta_batch_size=16, update_batch_size=1, update_lr=0.1, num_updates=5), 636),
+    # First-order MAML (--stop_grad=True) does a subset of second-order MAML's convolutions.
+    'omniglot5_first_order': (dict(num_classes=5, meta_batch_size=32, update_batch_size=1, update_lr=0.4,
+                                   num_updates=1, stop_grad=True), None),
+}
+
+
+def median_ms(sess, fetch, runs):
+    for _ in range(3):
+        sess.run(fetch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(fetch)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def build_training_graph(config):
+    """The meta-update of `config` on fixed random inputs; returns (graph, train op)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        cfg = ModelConfig(datasource='omniglot', **config)
+        n = cfg.num_classes * cfg.update_batch_size
+        rng = np.random.RandomState(0)
+        images = lambda: tf.constant(rng.rand(cfg.meta_batch_size, n, 784).astype(np.float32))
+        labels = tf.constant(np.eye(cfg.num_classes, dtype=np.float32)[rng.randint(0, cfg.num_classes, (cfg.meta_batch_size, n))])
+        model = MAML(cfg, 784, cfg.num_classes, test_num_updates=10)
+        model.construct_model({'inputa': images(), 'inputb': images(), 'labela': labels, 'labelb': labels})
+    return graph, model.metatrain_op
+
+
+def convolutions_run_by(sess, train_op):
+    """(kind, input-side shape, kernel shape, strides) of every convolution one run of train_op
+    executes, read from a traced run (so what grappler pruned is not counted)."""
+    options = tf1.RunOptions(trace_level=tf1.RunOptions.FULL_TRACE)
+    metadata = tf1.RunMetadata()
+    sess.run(train_op, options=options, run_metadata=metadata)
+    graph, convs = sess.graph, []
+    for device in metadata.step_stats.dev_stats:
+        for node in device.node_stats:
+            kernel = node.timeline_label.split(' = ')[-1].split('(')[0]
+            if 'Conv2D' not in kernel:
+                continue
+            op = graph.get_operation_by_name(node.node_name)
+            if op.type not in CONV_OPS:   # conv + bias fused by grappler, named after the add
+                op = next(t.op for t in op.inputs if t.op.type in CONV_OPS)
+            convs.append(describe(op))
+    return convs
+
+
+def describe(node):
+    """The convolution's shapes as (kind, x [batch, H, W, C_all], kernel [3, 3, C, F_all], strides)."""
+    if node.type == 'Conv2D':
+        x, kernel = node.inputs[0].shape, node.inputs[1].shape
+    elif node.type == 'Conv2DBackpropInput':
+        x, kernel = node.outputs[0].shape, node.inputs[1].shape
+    else:
+        x, kernel = node.inputs[0].shape, node.outputs[0].shape
+    return node.type, tuple(x.as_list()), tuple(kernel.as_list()), tuple(node.get_attr('strides'))
+
+
+def time_convolution(kind, x_shape, kernel_shape, strides, plain, runs=20):
+    """Milliseconds of one convolution alone, grouped as in the graph or as one plain convolution."""
+    batch, height, width, channels_all = x_shape
+    kh, kw, channels, filters_all = kernel_shape
+    groups = channels_all // channels
+    if plain:   # the tasks (groups) move into the batch; the arithmetic is the same
+        batch, channels_all, filters_all = batch * groups, channels, filters_all // groups
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.Variable(tf.random.uniform([batch, height, width, channels_all]))
+        kernel = tf.Variable(tf.random.uniform([kh, kw, channels, filters_all]))
+        y = tf.nn.conv2d(x, kernel, list(strides), 'SAME')
+        dy = tf.Variable(tf.random.uniform(y.shape))
+        if kind == 'Conv2D':
+            out = y
+        elif kind == 'Conv2DBackpropInput':
+            out = tf1.nn.conv2d_backprop_input(x.shape, kernel, dy, list(strides), 'SAME')
+        else:
+            out = tf1.nn.conv2d_backprop_filter(x, kernel.shape, dy, list(strides), 'SAME')
+        with tf1.Session(graph=graph) as sess:
+            sess.run(tf1.global_variables_initializer())
+            return median_ms(sess, out.op, runs)
+
+
+def report(name):
+    config, reference_ms = CONFIGS[name]
+    graph, train_op = build_training_graph(config)
+    with tf1.Session(graph=graph) as sess:
+        sess.run(tf1.global_variables_initializer())
+        step_ms = median_ms(sess, train_op, 5 if name == 'omniglot20' else 20)
+        counts = collections.Counter(convolutions_run_by(sess, train_op))
+    by_kind = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for conv, count in counts.items():
+        grouped_ms = time_convolution(*conv, plain=False)
+        plain_ms = time_convolution(*conv, plain=True)
+        entry = by_kind[conv[0]]
+        entry[0] += count
+        entry[1] += count * grouped_ms
+        entry[2] += count * plain_ms
+    print('{}: {} convolutions per meta-update'.format(name, sum(counts.values())))
+    for kind, (count, grouped_ms, plain_ms) in sorted(by_kind.items()):
+        print('  {:<22s} x{:<3d} alone: {:7.1f} ms grouped, {:7.1f} ms as plain convolutions'.format(
+            kind, count, grouped_ms, plain_ms))
+    grouped_total = sum(v[1] for v in by_kind.values())
+    plain_total = sum(v[2] for v in by_kind.values())
+    print('  convolutions alone: {:.1f} ms grouped (as run), {:.1f} ms plain (the floor)'.format(
+        grouped_total, plain_total))
+    comparison = ' | reference {} ms, target (a third) {:.0f} ms'.format(
+        reference_ms, reference_ms / 3.0) if reference_ms else ''
+    print('  whole meta-update: {:.1f} ms measured{}'.format(step_ms, comparison))
+    sys.stdout.flush()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('configs', nargs='*', help='any of {} (default: all)'.format(', '.join(CONFIGS)))
+    names = parser.parse_args().configs or list(CONFIGS)
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        parser.error('unknown configuration {}: choose from {}'.format(', '.join(unknown), ', '.join(CONFIGS)))
+    for name in names:
+        report(name)
+
+
+if __name__ == '__main__':
+    main()
