@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 import special_grads  # noqa: F401  (second derivative of max pooling where TF lacks one)
-from utils import accuracy, conv_block, grouped_conv_supported, make_norm_params, mse, normalize, to_task_channels, xent
+from utils import (accuracy, conv_block, fused_bn_grad_supported, grouped_conv_supported, make_norm_params, mse,
+                   normalize, to_task_channels, xent)
 
 tf1 = tf.compat.v1
 
@@ -60,6 +61,7 @@ class MAML:
         self.weights = None
         self.norm_params = None
         self.grouped_conv = grouped_conv_supported()
+        self.fused_bn_grad = fused_bn_grad_supported()
 
     # ---------------------------------------------------------------- weights
     def construct_weights(self):
@@ -162,7 +164,8 @@ class MAML:
         x = to_task_channels(images)
         for i in range(4):
             x = conv_block(x, weights['conv%d' % (i + 1)], weights['b%d' % (i + 1)], num_tasks,
-                           self.config.norm, self.norm_params[i], self.config.max_pool, self.grouped_conv)
+                           self.config.norm, self.norm_params[i], self.config.max_pool, self.grouped_conv,
+                           self.fused_bn_grad)
         _, height, width, _ = x.shape
         x = tf.reshape(x, [-1, height, width, num_tasks, self.config.num_filters])
         return tf.transpose(x, [3, 0, 1, 2, 4])

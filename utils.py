@@ -52,6 +52,66 @@ def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu):
     return activation(x) if activation is not None else x
 
 
+def batch_norm_relu_per_channel(x, beta):
+    """relu(batch norm of x [N, H, W, C] over N, H, W, + beta [C]): the per-task layers' norm.
+
+    The values are those of `normalize` (tf.nn.moments, tf.nn.batch_normalization, relu): not
+    the fused forward kernel, whose one-pass variance is inaccurate on Omniglot's low-contrast
+    first layer. The gradient uses the fused gradient kernel, and its own gradient (the inner
+    loop is differentiated) is written out by hand; both equal TF's autodiff of `normalize`,
+    which builds several times as many full-size elementwise passes (fused_bn_grad_supported
+    says where it is used).
+    """
+    channels = x.shape[-1]
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
+    ones = tf.ones([channels], x.dtype)
+
+    @tf.custom_gradient
+    def forward(x, beta):
+        mean, variance = tf.nn.moments(x, [0, 1, 2])
+        y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, beta, None, BATCH_NORM_EPSILON))
+
+        def fused_gradient(dz):
+            """(dx, sum(dz * xhat), sum(dz)) of z = xhat + beta."""
+            return tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dz, x=x, scale=ones, reserve_space_1=mean, reserve_space_2=variance,
+                reserve_space_3=tf.zeros([0]), epsilon=BATCH_NORM_EPSILON, is_training=True)[:3]
+
+        def grad(dy):
+            return _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient)
+        return y, grad
+    return forward(x, beta)
+
+
+def _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient):
+    """(dx, dbeta) of batch_norm_relu_per_channel, with its own gradient.
+
+    With g = dy * relu'(z), a = mean(g), b = mean(g * xhat) per channel:
+    dx = inv * (g - a - b * xhat). Its derivative follows TF's autodiff of tf.nn.moments exactly,
+    including the stop_gradient on the mean inside the variance (see README: the true second
+    derivative has one more term, inv^2 * b * mean(h), which the reference never had).
+    """
+    @tf.custom_gradient
+    def backward(dy, x, beta):
+        g = tf.raw_ops.ReluGrad(gradients=dy, features=y)
+        dx, sum_g_xhat, sum_g = fused_gradient(g)
+
+        def grad(h, h_beta):
+            inv = tf.math.rsqrt(variance + BATCH_NORM_EPSILON)
+            a, b = sum_g / count, sum_g_xhat / count
+            d_g, sum_h_xhat, sum_h = fused_gradient(h)     # d_g = inv * (h - mean_h - c * xhat)
+            c, mean_h = sum_h_xhat / count, sum_h / count
+            mean_hg = tf.reduce_sum(h * g, [0, 1, 2]) / count
+            xhat = (x - mean) * inv
+            inv2 = tf.square(inv)
+            d_x = (xhat * (inv2 * (3.0 * b * c - mean_hg + a * mean_h)) + inv2 * c * a
+                   - g * (inv2 * c) - h * (inv2 * b))
+            # The ReLU's mask is piecewise constant: beta gets no second-order gradient.
+            return tf.raw_ops.ReluGrad(gradients=d_g + h_beta, features=y), d_x, tf.zeros_like(beta)
+        return (dx, sum_g), grad
+    return backward(dy, x, beta)
+
+
 ## Convolutions with one kernel per task
 def to_task_channels(images):
     """[tasks, examples, H, W, C] -> [examples, H, W, tasks*C], the layout of grouped convolution."""
@@ -66,15 +126,25 @@ def split_task_channels(x, num_tasks):
     return tf.reshape(x, [-1, height, width, num_tasks, channels // num_tasks])
 
 
-def grouped_conv_supported():
-    """Grouped convolution runs on GPUs and, on CPUs, only with oneDNN (TF's x86 default)."""
-    if tf.config.list_physical_devices('GPU'):
-        return True
+def _onednn_enabled():
     try:
         from tensorflow.python.util import _pywrap_util_port
         return bool(_pywrap_util_port.IsMklEnabled())
     except (ImportError, AttributeError):
         return False
+
+
+def grouped_conv_supported():
+    """Grouped convolution runs on GPUs and, on CPUs, only with oneDNN (TF's x86 default)."""
+    return bool(tf.config.list_physical_devices('GPU')) or _onednn_enabled()
+
+
+def fused_bn_grad_supported():
+    """Where batch_norm_relu_per_channel is used: CPUs with oneDNN, where it matches the golden
+    cases. The GPUs' fused gradient kernel expects cuDNN's saved inverse variance instead, and
+    TF's own CPU kernel rounds differently enough to move the ill-conditioned inner steps past
+    num_updates out of their golden tolerances."""
+    return not tf.config.list_physical_devices('GPU') and _onednn_enabled()
 
 
 def conv_per_task(x, kernel, num_tasks, strides, grouped):
@@ -90,16 +160,20 @@ def conv_per_task(x, kernel, num_tasks, strides, grouped):
     return tf.concat([tf.nn.conv2d(i, k, strides, 'SAME') for i, k in zip(inputs, kernels)], axis=3)
 
 
-def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=True):
+def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=True, fused_bn_grad=False):
     """conv (+bias) -> normalisation -> ReLU (-> 2x2 max pool), every task with its own kernel.
 
     x: [examples, H, W, tasks*C]; kernel: [3, 3, C, tasks*F]; bias: [tasks*F].
     """
     strides = [1, 1, 1, 1] if max_pool else [1, 2, 2, 1]
     x = conv_per_task(x, kernel, num_tasks, strides, grouped) + bias
-    per_task = split_task_channels(x, num_tasks)
-    per_task = normalize(per_task, norm, norm_params, batch_axes=[0, 1, 2], feature_axes=[1, 2, 4])
-    x = tf.reshape(per_task, [-1, x.shape[1], x.shape[2], x.shape[3]])
+    if norm == 'batch_norm' and fused_bn_grad:
+        # Each channel of x is one task's filter: per-channel statistics are per-task ones.
+        x = batch_norm_relu_per_channel(x, tf.tile(norm_params['beta'], [num_tasks]))
+    else:
+        per_task = split_task_channels(x, num_tasks)
+        per_task = normalize(per_task, norm, norm_params, batch_axes=[0, 1, 2], feature_axes=[1, 2, 4])
+        x = tf.reshape(per_task, [-1, x.shape[1], x.shape[2], x.shape[3]])
     if max_pool:
         x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
     return x

@@ -1,0 +1,71 @@
+"""batch_norm_relu_per_channel (fused gradient kernel, hand-written second derivative) against
+TF's autodiff of `normalize`, the reference's formulation.
+
+Truth is autodiff in float64; the fast version (float32 only: the fused kernel has no float64)
+must be as accurate as autodiff in float32, for values, first and second derivatives.
+"""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from utils import batch_norm_relu_per_channel, normalize
+
+tf1 = tf.compat.v1
+SHAPE = (5, 6, 6, 12)   # examples, H, W, tasks * filters
+
+
+def derivatives(batch_norm, x_value, beta_value, dtype):
+    """y, then (dx, dbeta) of L1, then d/dx and d/dbeta of L2, a function of (dx, dbeta)."""
+    rng = np.random.RandomState(1)
+    with tf.Graph().as_default():
+        x = tf.constant(x_value, dtype)
+        beta = tf.constant(beta_value, dtype)
+        w, v = (tf.constant(rng.randn(*SHAPE), dtype) for _ in range(2))
+        y = batch_norm(x, beta)
+        # y ** 2 makes dy depend on x as well, as in the inner loop's losses.
+        dx, dbeta = tf.gradients(tf.reduce_sum(w * y) + tf.reduce_sum(y ** 2), [x, beta])
+        weight = tf.range(SHAPE[-1], dtype=dtype)
+        loss2 = tf.reduce_sum(v * dx) + tf.reduce_sum(dx ** 2) + tf.reduce_sum(dbeta * weight)
+        ddx, ddbeta = tf.gradients(loss2, [x, beta])
+        with tf1.Session() as sess:
+            return [np.asarray(t, np.float64) for t in sess.run([y, dx, dbeta, ddx, ddbeta])]
+
+
+def autodiff(x, beta):
+    return normalize(x, 'batch_norm', {'beta': beta}, batch_axes=[0, 1, 2], feature_axes=[1, 2, 3])
+
+
+@pytest.mark.parametrize('contrast', ['normal', 'low'])
+def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast):
+    rng = np.random.RandomState(0)
+    if contrast == 'normal':
+        x = rng.randn(*SHAPE)
+    else:   # Omniglot's first layer: a large common level, tiny variations (variance << epsilon)
+        x = 0.5 + 1e-3 * rng.randn(*SHAPE)
+    beta = 0.3 * rng.randn(SHAPE[-1])
+    truth = derivatives(autodiff, x, beta, tf.float64)
+    autodiff32 = derivatives(autodiff, x, beta, tf.float32)
+    fast = derivatives(batch_norm_relu_per_channel, x, beta, tf.float32)
+    for name, want, slow, got in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], truth, autodiff32, fast):
+        scale = np.abs(want).max()
+        allowed = max(4 * np.abs(slow - want).max(), 1e-6 * scale)
+        assert np.abs(got - want).max() <= allowed, name
+
+
+def test_second_derivative_is_the_references_not_the_exact_one():
+    # tf.nn.moments stops the gradient through the mean inside the variance; the reference's
+    # second derivatives (and the golden cases) have that, so must ours: the exact one differs.
+    rng = np.random.RandomState(2)
+    x, beta = rng.randn(*SHAPE), 0.3 * rng.randn(SHAPE[-1])
+
+    def exact(x, beta):
+        mean = tf.reduce_mean(x, [0, 1, 2])
+        variance = tf.reduce_mean(tf.square(x - mean), [0, 1, 2])
+        return tf.nn.relu((x - mean) * tf.math.rsqrt(variance + 1e-3) + beta)
+
+    reference = derivatives(autodiff, x, beta, tf.float64)[3]
+    exact_second = derivatives(exact, x, beta, tf.float64)[3]
+    fast = derivatives(batch_norm_relu_per_channel, x, beta, tf.float32)[3]
+    scale = np.abs(reference).max()
+    assert np.abs(fast - reference).max() < 1e-4 * scale
+    assert np.abs(exact_second - reference).max() > 1e-2 * scale
