@@ -47,8 +47,8 @@ def median_ms(sess, fetch, runs):
     return 1000 * float(np.median(times))
 
 
-def build_training_graph(config):
-    """The meta-update of `config` on fixed random inputs; returns (graph, train op)."""
+def build_training_graph(config, test_num_updates=10):
+    """The Omniglot model of `config` (ModelConfig fields) on fixed random inputs: (graph, MAML)."""
     graph = tf.Graph()
     with graph.as_default():
         cfg = ModelConfig(datasource='omniglot', **config)
@@ -56,17 +56,17 @@ def build_training_graph(config):
         rng = np.random.RandomState(0)
         images = lambda: tf.constant(rng.rand(cfg.meta_batch_size, n, 784).astype(np.float32))
         labels = tf.constant(np.eye(cfg.num_classes, dtype=np.float32)[rng.randint(0, cfg.num_classes, (cfg.meta_batch_size, n))])
-        model = MAML(cfg, 784, cfg.num_classes, test_num_updates=10)
+        model = MAML(cfg, 784, cfg.num_classes, test_num_updates=test_num_updates)
         model.construct_model({'inputa': images(), 'inputb': images(), 'labela': labels, 'labelb': labels})
-    return graph, model.metatrain_op
+    return graph, model
 
 
-def convolutions_run_by(sess, train_op):
-    """(kind, input-side shape, kernel shape, strides) of every convolution one run of train_op
+def convolutions_run_by(sess, fetch):
+    """(kind, input-side shape, kernel shape, strides) of every convolution one run of `fetch`
     executes, read from a traced run (so what grappler pruned is not counted)."""
     options = tf1.RunOptions(trace_level=tf1.RunOptions.FULL_TRACE)
     metadata = tf1.RunMetadata()
-    sess.run(train_op, options=options, run_metadata=metadata)
+    sess.run(fetch, options=options, run_metadata=metadata)
     graph, convs = sess.graph, []
     for device in metadata.step_stats.dev_stats:
         for node in device.node_stats:
@@ -117,7 +117,8 @@ def time_convolution(kind, x_shape, kernel_shape, strides, plain, runs=20):
 
 def report(name):
     config, reference_ms = CONFIGS[name]
-    graph, train_op = build_training_graph(config)
+    graph, model = build_training_graph(config)
+    train_op = model.metatrain_op
     with tf1.Session(graph=graph) as sess:
         sess.run(tf1.global_variables_initializer())
         step_ms = median_ms(sess, train_op, 5 if name == 'omniglot20' else 20)

@@ -3,52 +3,30 @@
 The training graph holds max(num_updates, test_num_updates) inner steps (10 for Omniglot) so the
 summaries can report every step. The reference computed all of them on every iteration; here the
 training op must run only the num_updates steps its meta-gradient goes through. Checked on what
-TensorFlow actually runs (a traced session run), counting the convolutions.
+TensorFlow actually runs (a traced session run), counting the convolutions with the functions
+bench/bench_conv_floor.py times them with.
 """
 import collections
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
-from maml import MAML, ModelConfig
+from bench.bench_conv_floor import build_training_graph, convolutions_run_by
 from utils import grouped_conv_supported
 
 tf1 = tf.compat.v1
-TASKS, WAY = 2, 5
-
-
-def executed_convolutions(sess, fetch):
-    """Counter of (kernel, input height) of the convolutions one traced run of `fetch` executes."""
-    metadata = tf1.RunMetadata()
-    sess.run(fetch, options=tf1.RunOptions(trace_level=tf1.RunOptions.FULL_TRACE), run_metadata=metadata)
-    counts = collections.Counter()
-    for device in metadata.step_stats.dev_stats:
-        for node in device.node_stats:
-            kernel = node.timeline_label.split(' = ')[-1].split('(')[0]
-            if 'Conv2D' in kernel:
-                counts[kernel.replace('_MklNative', '').replace('Fused', '')] += 1
-    return counts
-
-
-def omniglot_model(num_updates, test_num_updates, stop_grad=False):
-    config = ModelConfig(datasource='omniglot', num_classes=WAY, meta_batch_size=TASKS, update_batch_size=1,
-                         update_lr=0.4, num_updates=num_updates, stop_grad=stop_grad)
-    rng = np.random.RandomState(0)
-    images = lambda: tf.constant(rng.rand(TASKS, WAY, 784).astype(np.float32))
-    labels = tf.constant(np.tile(np.eye(WAY, dtype=np.float32), (TASKS, 1, 1)))
-    model = MAML(config, 784, WAY, test_num_updates=test_num_updates)
-    model.construct_model({'inputa': images(), 'inputb': images(), 'labela': labels, 'labelb': labels})
-    return model
+TASKS = 2
 
 
 def convolutions(num_updates, test_num_updates, fetch_last_step=False, stop_grad=False):
-    with tf.Graph().as_default():
-        model = omniglot_model(num_updates, test_num_updates, stop_grad)
-        with tf1.Session() as sess:
-            sess.run(tf1.global_variables_initializer())
-            fetch = [model.metatrain_op] + ([model.total_losses2[-1]] if fetch_last_step else [])
-            return executed_convolutions(sess, fetch)
+    """Counter of the convolutions one run of the training op (and the last step's loss) executes."""
+    config = dict(num_classes=5, meta_batch_size=TASKS, update_batch_size=1, update_lr=0.4,
+                  num_updates=num_updates, stop_grad=stop_grad)
+    graph, model = build_training_graph(config, test_num_updates)
+    with tf1.Session(graph=graph) as sess:
+        sess.run(tf1.global_variables_initializer())
+        fetch = [model.metatrain_op] + ([model.total_losses2[-1]] if fetch_last_step else [])
+        return collections.Counter(convolutions_run_by(sess, fetch))
 
 
 @pytest.mark.parametrize('num_updates', [1, 2])
@@ -65,8 +43,7 @@ def test_convolutions_of_one_step_meta_update():
     # 4 layers. First order: support forward, filter and input gradients (the inner step), then
     # query forward, filter and input gradients: 4 + 4 + 3 + 4 + 4 + 3 = 22, since nothing needs
     # the gradient with respect to the images. Second order adds 20 for the differentiated inner
-    # step: 42. These are the counts bench/bench_conv_floor.py times.
-    # Without grouped convolution (oneDNN off) every task has its own convolutions.
+    # step: 42. Without grouped convolution (oneDNN off) every task has its own convolutions.
     per_layer_op = 1 if grouped_conv_supported() else TASKS
     first_order = convolutions(1, test_num_updates=10, stop_grad=True)
     second_order = convolutions(1, test_num_updates=10)
