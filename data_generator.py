@@ -17,6 +17,9 @@ tf1 = tf.compat.v1
 
 OMNIGLOT_SPLIT_SEED = 1
 OMNIGLOT_NUM_TRAIN, OMNIGLOT_NUM_VAL = 1100, 100
+# Part of the pixel cache's key: a change to how files decode must never reuse an older cache.
+# Version 2: 1-bit PNGs decode to 0/255 (version 1 cached them as 0/1).
+PIXEL_FORMAT = 2
 PREPARE_HINT = {
     'omniglot': 'python data/prepare_omniglot.py --from DIR_WITH_THE_TWO_ZIPS (or without --from to download)',
     'miniimagenet': 'python data/prepare_miniimagenet.py --from DIR_WITH_images_AND_CSVS',
@@ -138,7 +141,7 @@ def _cached_pixels(files_per_class, image_size, channels, datasource, cache_dir)
     if cache_dir is None:
         return _split_per_class(_decode_all(paths, image_size, channels, datasource), files_per_class)
     signature = hashlib.sha256(repr([(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
-                                    + [image_size, channels]).encode()).hexdigest()[:24]
+                                    + [image_size, channels, PIXEL_FORMAT]).encode()).hexdigest()[:24]
     cache = os.path.join(cache_dir, signature + '.npy')
     if os.path.isfile(cache):
         try:
@@ -186,7 +189,10 @@ def _read_image(path, image_size, channels, datasource):
         raise UserError('{}: image {} is {}x{} mode {}, expected {}x{} {}; re-run the preparation: {}'.format(
             datasource, path, size[0], size[1], mode, image_size, image_size,
             ' or '.join(expected_modes), PREPARE_HINT[datasource]))
-    # A 1-bit PNG decodes to 0/1 (as tf.image.decode_png gives it to the reference), 8-bit to 0..255.
+    if mode == '1':
+        # Pillow reads a 1-bit PNG as 0/1; tf.image.decode_png, which the reference used, expands
+        # it to 0/255. After /255 and inversion the network must see 0 (stroke) and 1 (background).
+        pixels = pixels.astype(np.uint8) * 255
     return pixels.astype(np.uint8).reshape(-1)
 
 

@@ -175,15 +175,22 @@ def test_sampler_is_a_function_of_seed_and_batch_number(train_set):
     assert len({tuple(t) for t in index.reshape(-1, 10)}) == 24
 
 
-def png_pixels(path):
-    with Image.open(path) as image:
-        assert image.mode == '1' and image.size == (SIDE, SIDE)
-        return image.copy()
+def decoded_as_the_reference(paths):
+    """What the reference feeds for each file: tf.image.decode_png, /255, then 1 - x."""
+    with tf.Graph().as_default():
+        path = tf1.placeholder(tf.string, [])
+        image = 1.0 - tf.cast(tf.image.decode_png(tf.io.read_file(path)), tf.float32) / 255.0
+        with tf1.Session() as sess:
+            return {p: sess.run(image, {path: p})[:, :, 0] for p in paths}
 
 
-def test_input_tensors_pixels_rotations_and_labels(train_set, train_folders):
+def sampled_images_against_files(dataset, class_folders, seed):
+    """Draws 3 batches of 4 5-way 1-shot tasks through make_input_tensors and checks every image
+    against the reference's decoding of its file, turned by its class's rotation.
+
+    Returns the rotations seen and how many rotated images differ from the unrotated file."""
     N, K, B, first, n = 5, 1, 4, 2, 3
-    tasks = omniglot_tasks(train_set, N, K, B, seed=11)
+    tasks = omniglot_tasks(dataset, N, K, B, seed=seed)
     index, label = draw(tasks, first, n)
     with tf.Graph().as_default():
         tensors, (init_op, feed) = tasks.make_input_tensors(first, n, 'probe')
@@ -191,33 +198,67 @@ def test_input_tensors_pixels_rotations_and_labels(train_set, train_folders):
         with tf1.Session() as sess:
             sess.run(init_op, feed)
             batches = [sess.run(tensors) for _ in range(n)]
+    files = [sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.png'))
+             for folder in class_folders]
+    assert all(len(f) == PER_CLASS for f in files)
+    reference = decoded_as_the_reference([p for class_files in files for p in class_files])
     rotations_seen, rotated_differs = set(), 0
     for i, batch in enumerate(batches):
         images = np.concatenate([batch['inputa'], batch['inputb']], 1)
         labels = np.concatenate([batch['labela'], batch['labelb']], 1)
         assert images.shape == (B, 2 * N, SIDE * SIDE) and labels.shape == (B, 2 * N, N)
-        assert set(np.unique(images)) == {np.float32(1 - 1 / 255), np.float32(1.0)}
         assert (labels.sum(-1) == 1).all() and set(np.unique(labels)) == {0.0, 1.0}
         np.testing.assert_array_equal(labels.argmax(-1), label[i])
         for b in range(B):
             for e in range(2 * N):
-                k, c, d = (int(v) for v in decode(int(index[i, b, e]), train_set.num_classes))
-                files = sorted(f for f in os.listdir(train_folders[c]) if f.endswith('.png'))
-                assert len(files) == PER_CLASS
-                image = png_pixels(os.path.join(train_folders[c], files[d]))
-                stored = np.asarray(image).astype(np.uint8)          # 1-bit PNG: 0 (ink) / 1
-                assert set(np.unique(stored)) <= {0, 1}
-                expected = 1.0 - np.rot90(stored, k).astype(np.float32) / 255.0
-                np.testing.assert_allclose(images[b, e].reshape(SIDE, SIDE), expected, rtol=0, atol=1e-7)
-                # np.rot90 by k == k quarter turns counter-clockwise (as tf.image.rot90, PIL ROTATE_90).
-                turned = image
-                for _ in range(k):
-                    turned = turned.transpose(Image.Transpose.ROTATE_90)
-                np.testing.assert_array_equal(np.asarray(turned).astype(np.uint8), np.rot90(stored, k))
+                k, c, d = (int(v) for v in decode(int(index[i, b, e]), dataset.num_classes))
+                expected = np.rot90(reference[files[c][d]], k)
+                np.testing.assert_array_equal(images[b, e].reshape(SIDE, SIDE), expected)
                 rotations_seen.add(k)
-                rotated_differs += k != 0 and not np.array_equal(np.rot90(stored, k), stored)
+                rotated_differs += k != 0 and not np.array_equal(expected, reference[files[c][d]])
+    return rotations_seen, rotated_differs
+
+
+def test_input_pixels_are_the_references_decoding_of_1bit_pngs(train_set, train_folders):
+    """The prepared files are 1-bit PNGs: the network sees exactly 0 (stroke) and 1 (background)."""
+    with Image.open(os.path.join(train_folders[0], sorted(os.listdir(train_folders[0]))[0])) as image:
+        assert image.mode == '1' and image.size == (SIDE, SIDE)
+    rotations_seen, rotated_differs = sampled_images_against_files(train_set, train_folders, seed=11)
     assert rotations_seen == {0, 1, 2, 3}
     assert rotated_differs > 10
+    assert set(np.unique(train_set.pixels)) == {0, 255}
+
+
+def test_input_pixels_are_the_references_decoding_of_8bit_pngs(train_folders, tmp_path):
+    """8-bit grayscale files (e.g. resized by another tool) keep all their gray levels."""
+    rng = np.random.RandomState(0)
+    folders = []
+    for i, folder in enumerate(train_folders[:8]):
+        copy = tmp_path / 'alphabet' / 'character{:02d}'.format(i)
+        copy.mkdir(parents=True)
+        for name in sorted(os.listdir(folder)):
+            with Image.open(os.path.join(folder, name)) as image:
+                gray = np.asarray(image.convert('L')).astype(np.int64)
+            gray = np.clip(gray - rng.randint(0, 200, gray.shape) * (gray > 0), 0, 255).astype(np.uint8)
+            Image.fromarray(gray, 'L').save(copy / name)
+        folders.append(str(copy))
+    dataset = data.load_image_dataset('omniglot', folders, SIDE, 1)
+    assert len(np.unique(dataset.pixels)) > 100
+    rotations_seen, _ = sampled_images_against_files(dataset, folders, seed=3)
+    assert len(rotations_seen) >= 3
+
+
+def test_rot90_is_the_turn_of_tf_image_and_pil(train_folders):
+    """np.rot90 by k (the sampler's table) == k quarter turns counter-clockwise, as PIL ROTATE_90."""
+    path = os.path.join(train_folders[0], sorted(os.listdir(train_folders[0]))[0])
+    with Image.open(path) as image:
+        stored = np.asarray(image.convert('L'))
+        turned = image.convert('L')
+        for k in range(1, 4):
+            turned = turned.transpose(Image.Transpose.ROTATE_90)
+            np.testing.assert_array_equal(np.asarray(turned), np.rot90(stored, k))
+            np.testing.assert_array_equal(tf.image.rot90(stored[:, :, None], k).numpy()[:, :, 0],
+                                          np.rot90(stored, k))
 
 
 # ------------------------------------------------------------------------------------------ 3. training
@@ -354,7 +395,7 @@ def test_more_classes_than_the_split_has(error_runs):
 def test_read_image_rejects_bad_files(omniglot_root, folders, tmp_path):
     good = sorted(Path(folders[0]).glob('*.png'))[0]
     pixels = data._read_image(str(good), SIDE, 1, 'omniglot')
-    assert pixels.dtype == np.uint8 and pixels.shape == (SIDE * SIDE,) and set(np.unique(pixels)) == {0, 1}
+    assert pixels.dtype == np.uint8 and pixels.shape == (SIDE * SIDE,) and set(np.unique(pixels)) == {0, 255}
 
     gray = tmp_path / 'gray.png'                     # 8-bit grayscale is fine too: 0..255
     Image.new('L', (SIDE, SIDE), 200).save(gray)
@@ -402,3 +443,18 @@ def test_decoded_pixels_are_cached_and_a_changed_file_invalidates_the_cache(trai
     changed = load_image_dataset('omniglot', folders, 28, 1, str(cache))
     assert len(list(cache.glob('*.npy'))) == 2
     assert changed.pixels[0, 0].sum() == 0 and first.pixels[0, 0].sum() > 0
+
+
+def test_a_cache_written_by_the_old_pixel_format_is_never_reused(train_folders, tmp_path, monkeypatch):
+    """Caches from before 1-bit PNGs decoded to 0/255 held 0/1 pixels under a key without a format."""
+    folders = [str(shutil.copytree(f, tmp_path / 'chars' / str(i))) for i, f in enumerate(train_folders[:3])]
+    cache = tmp_path / 'cache'
+    monkeypatch.setattr(data, 'PIXEL_FORMAT', 1)
+    monkeypatch.setattr(data, '_read_image', lambda path, *args: (
+        np.asarray(Image.open(path)).astype(np.uint8).reshape(-1)))   # how format 1 decoded: 0/1
+    old = data.load_image_dataset('omniglot', folders, SIDE, 1, str(cache))
+    assert set(np.unique(old.pixels)) == {0, 1}
+    monkeypatch.undo()
+    new = data.load_image_dataset('omniglot', folders, SIDE, 1, str(cache))
+    assert set(np.unique(new.pixels)) == {0, 255}
+    assert len(list(cache.glob('*.npy'))) == 2
