@@ -1,0 +1,484 @@
+"""Reproduces the rows of the MAML paper's tables, one command per row, and writes RESULTS.md.
+
+    python reproduce.py --list
+    python reproduce.py ROW [ROW ...] [--iterations N]     e.g. omniglot_5w1s, sinusoid, all
+
+For each row: trains with exactly the paper's command from main.py's usage block (its own
+--logdir under logs/reproduce/ROW/; rerunning resumes), evaluates the 600 test tasks with
+`--train=False --test_set=True`, takes the number the paper reports from the CSV that wrote
+(Omniglot 5-way after 3 inner steps, 20-way after 5, MiniImagenet after 10, sinusoid MSE after 1, 5
+and 10), and rewrites that row of RESULTS.md beside the paper's number with the iterations trained,
+the wall time, the machine, the date and the commit. `--iterations N` trains a shorter budget,
+which the row says; running again with a larger one (or none) continues the same run.
+RESULTS.md is rendered entirely from the data block at its end, which only this runner writes.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+PREPARE = {
+    'omniglot': ('omniglot_resized', 'python data/prepare_omniglot.py --from DIR_WITH_THE_TWO_ZIPS'),
+    'miniimagenet': ('miniImagenet', 'python data/prepare_miniimagenet.py --from DIR_WITH_images_AND_CSVS'),
+}
+SINE_MAML = ['--datasource=sinusoid', '--metatrain_iterations=70000', '--norm=None']
+SINE_PRETRAIN = ['--datasource=sinusoid', '--pretrain_iterations=70000', '--metatrain_iterations=0', '--norm=None']
+OMNIGLOT_5WAY = ['--datasource=omniglot', '--metatrain_iterations=60000', '--meta_batch_size=32',
+                 '--update_batch_size=1', '--update_lr=0.4', '--num_updates=1']
+OMNIGLOT_20WAY = ['--datasource=omniglot', '--metatrain_iterations=60000', '--meta_batch_size=16',
+                  '--update_batch_size=1', '--num_classes=20', '--update_lr=0.1', '--num_updates=5']
+MINI = ['--datasource=miniimagenet', '--metatrain_iterations=60000', '--meta_batch_size=4',
+        '--update_batch_size=1', '--update_lr=0.01', '--num_updates=5', '--num_classes=5',
+        '--num_filters=32', '--max_pool=True']
+
+
+def with_flag(flags, name, value):
+    """`flags` with --name set to value: replaced in place where present, appended otherwise."""
+    flag = '--%s=%s' % (name, value)
+    if any(f.startswith('--%s=' % name) for f in flags):
+        return [flag if f.startswith('--%s=' % name) else f for f in flags]
+    return flags + [flag]
+
+
+@dataclass
+class Row:
+    """One row of a paper table: the command that trains it and the numbers it is judged by."""
+    name: str
+    table: str              # 'sinusoid', 'omniglot' or 'miniimagenet'
+    label: str
+    flags: list
+    steps: tuple            # inner steps whose evaluation the paper reports (CSV columns updateN)
+    paper: tuple = ()       # per step: (mean, ci95) or (mean, None) or None
+    note: str = ''
+    data: str = None        # 'omniglot' / 'miniimagenet': the prepared folder it needs
+
+    @property
+    def iteration_flag(self):
+        return 'pretrain_iterations' if '--metatrain_iterations=0' in self.flags else 'metatrain_iterations'
+
+    def flag(self, name, default=None):
+        return dict(f[2:].split('=', 1) for f in self.flags).get(name, default)
+
+    @property
+    def paper_iterations(self):
+        return int(self.flag(self.iteration_flag))
+
+    def command(self, iterations=None):
+        return self.flags if iterations is None else with_flag(self.flags, self.iteration_flag, iterations)
+
+
+
+def sine_rows():
+    rows = []
+    paper_k5 = {'maml': ((0.67, None), (0.38, None), (0.35, None)),
+                'pretrained': ((2.41, None), (2.23, None), (2.19, None))}
+    paper_k10 = {'maml': ((0.4, None), None, None)}   # the K=10 curve: about 0.4 after one step
+    for k, paper in ((10, paper_k10), (5, paper_k5)):
+        kflag = '--update_batch_size=%d' % k
+        rows += [
+            Row('sine_k%d_maml' % k, 'sinusoid', 'MAML, K=%d, alpha 0.01 (paper)' % k,
+                SINE_MAML + [kflag, '--update_lr=0.01'], (1, 5, 10), paper.get('maml', ()),
+                'the paper\'s step size: usage block command plus --update_lr=0.01'),
+            Row('sine_k%d_maml_usage' % k, 'sinusoid', 'MAML, K=%d, alpha 0.001 (usage block)' % k,
+                SINE_MAML + [kflag], (1, 5, 10), (),
+                'the usage block\'s command as written: flag default --update_lr=0.001'),
+            Row('sine_k%d_pretrained' % k, 'sinusoid', 'pre-trained, K=%d, alpha 0.001' % k,
+                SINE_PRETRAIN + [kflag], (1, 5, 10), paper.get('pretrained', ()),
+                'usage block baseline; fine-tuned at test time with the flag default alpha'),
+            Row('sine_k%d_oracle' % k, 'sinusoid', 'oracle, K=%d, alpha 0.001' % k,
+                SINE_PRETRAIN + [kflag, '--baseline=oracle'], (1, 5, 10), (),
+                'usage block baseline: amplitude and phase as inputs'),
+        ]
+    return rows
+
+
+def image_rows():
+    pct = lambda mean, ci: (mean / 100.0, ci / 100.0)
+    rows = []
+    for shots, o5, o20 in ((1, (98.7, 0.4), (95.8, 0.3)), (5, (99.9, 0.1), (98.9, 0.2))):
+        rows.append(Row('omniglot_5w%ds' % shots, 'omniglot', 'Omniglot 5-way %d-shot' % shots,
+                        with_flag(OMNIGLOT_5WAY, 'update_batch_size', shots), (3,), (pct(*o5),),
+                        'trained with 1 step of 0.4, evaluated after 3', data='omniglot'))
+        rows.append(Row('omniglot_20w%ds' % shots, 'omniglot', 'Omniglot 20-way %d-shot' % shots,
+                        with_flag(OMNIGLOT_20WAY, 'update_batch_size', shots), (5,), (pct(*o20),),
+                        'trained and evaluated with 5 steps of 0.1', data='omniglot'))
+    for shots, second, first in ((1, (48.70, 1.84), (48.07, 1.75)), (5, (63.11, 0.92), (63.15, 0.91))):
+        flags = with_flag(MINI, 'update_batch_size', shots)
+        rows.append(Row('mini_5w%ds' % shots, 'miniimagenet', 'MiniImagenet 5-way %d-shot' % shots,
+                        flags, (10,), (pct(*second),),
+                        'trained with 5 steps of 0.01, evaluated after 10', data='miniimagenet'))
+        rows.append(Row('mini_5w%ds_first_order' % shots, 'miniimagenet',
+                        'MiniImagenet 5-way %d-shot, first order' % shots,
+                        flags + ['--stop_grad=True'], (10,), (pct(*first),),
+                        'as above with --stop_grad=True', data='miniimagenet'))
+    return rows
+
+
+ROWS = {row.name: row for row in sine_rows() + image_rows()}
+GROUPS = {'all': list(ROWS), **{t: [r.name for r in ROWS.values() if r.table == t]
+                                 for t in ('sinusoid', 'omniglot', 'miniimagenet')}}
+
+
+## Running one row
+@dataclass
+class RunState:
+    """What the runner keeps about one row between invocations (logs/reproduce/ROW/runner.json)."""
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    commits: list = field(default_factory=list)
+    curve: dict = field(default_factory=dict)       # iteration -> [pre, post] validation accuracy
+    evaluated: str = None                           # checkpoint the last evaluation used
+
+    @classmethod
+    def load(cls, path):
+        if not path.is_file():
+            return cls()
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, path):
+        partial = path.with_suffix('.partial')
+        partial.write_text(json.dumps(self.__dict__, indent=1))
+        os.replace(partial, path)
+
+
+class RunnerError(Exception):
+    """A row cannot run: printed as one line."""
+
+
+def git_commit():
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--', '*.py'], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ('+changes' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from importlib.metadata import version
+        tf_version = version('tensorflow')
+    except Exception:   # noqa: BLE001  (any packaging problem: the figure is informative only)
+        tf_version = '?'
+    return '{}, {} cores, TF {}'.format(cpu, os.cpu_count(), tf_version)
+
+
+def run_main(flags, log_path, on_line=None):
+    """main.py with `flags` in its own process group, output echoed and appended to log_path.
+
+    Ctrl-C or SIGTERM to the runner is passed on once, so main.py saves and stops cleanly.
+    Returns (exit code, stdout lines, seconds, stopped by a signal)."""
+    command = [sys.executable, '-u', str(REPO / 'main.py')] + flags
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '3'))
+    start = time.time()
+    lines, stopped = [], []
+    with open(log_path, 'a') as log:
+        log.write('\n$ {}\n'.format(' '.join(command)))
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+        def forward(signum, frame):
+            if not stopped:
+                stopped.append(signum)
+                process.send_signal(signal.SIGINT)
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                lines.append(line.rstrip('\n'))
+                if on_line:
+                    on_line(lines[-1])
+            code = process.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return code, lines, time.time() - start, bool(stopped)
+
+
+def main_error(lines):
+    errors = [line for line in lines if line.startswith('error:')]
+    return errors[-1][len('error: '):] if errors else (lines[-1] if lines else 'main.py failed')
+
+
+def train_row(row, flags, folder, state, state_path):
+    last_iteration = [None]
+
+    def track(line):
+        match = re.match(r'^(?:Pretrain )?Iteration (\d+):', line)
+        if match:
+            last_iteration[0] = int(match.group(1))
+        match = re.match(r'^Validation results: (\S+), (\S+)$', line)
+        if match and last_iteration[0] is not None:
+            state.curve[str(last_iteration[0])] = [float(match.group(1)), float(match.group(2))]
+
+    commit = git_commit()
+    code, lines, seconds, stopped = run_main(flags, folder / 'train.log', track)
+    if not any(line.startswith('Training already finished') for line in lines):
+        state.train_seconds += seconds
+        if commit not in state.commits:
+            state.commits.append(commit)
+    state.save(state_path)
+    if stopped:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise RunnerError(main_error(lines))
+
+
+def evaluate_row(row, flags, folder, state, state_path):
+    """Evaluates the newest checkpoint unless it was already; returns the CSV's path."""
+    eval_flags = flags + ['--train=False', '--test_set=True']
+    done = state.evaluated and Path(state.evaluated['csv']).is_file() and \
+        state.evaluated['checkpoint'] == newest_checkpoint(folder)
+    if done:
+        return Path(state.evaluated['csv']), state.evaluated['checkpoint']
+    code, lines, seconds, stopped = run_main(eval_flags, folder / 'eval.log')
+    if stopped:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise RunnerError(main_error(lines))
+    restored = [line.split('Restoring model weights from ', 1)[1] for line in lines
+                if line.startswith('Restoring model weights from ')]
+    written = [line[len('Wrote '):] for line in lines if line.startswith('Wrote ') and line.endswith('.csv')]
+    if not restored or not written:
+        raise RunnerError('main.py did not report the checkpoint it evaluated or the CSV it wrote')
+    state.eval_seconds = seconds
+    state.evaluated = {'checkpoint': restored[-1], 'csv': written[-1]}
+    state.save(state_path)
+    return Path(written[-1]), restored[-1]
+
+
+def newest_checkpoint(folder):
+    """model{N} with the largest N anywhere under the row's folder (its one experiment folder)."""
+    found = [p.with_suffix('') for p in folder.rglob('model*.index') if re.match(r'^model\d+$', p.stem)]
+    return str(max(found, key=lambda p: int(p.name[5:]))) if found else None
+
+
+def display_path(path):
+    """Relative to the repository where it lies inside it, absolute otherwise."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = [line.strip().split(',') for line in f if line.strip()]
+    header = rows[0]
+    means, stds, ci95 = ([float(v) for v in r] for r in rows[1:4])
+    return {name: (m, s, c) for name, m, s, c in zip(header, means, stds, ci95)}
+
+
+def run_row(row, iterations, logdir, data_root, results):
+    """Trains (or resumes) and evaluates one row, then records it in `results`."""
+    folder = Path(logdir) / row.name
+    if row.data:
+        subfolder, hint = PREPARE[row.data]
+        if not (Path(data_root) / subfolder).is_dir():
+            if results.get(row.name, {}).get('status') != 'done':
+                results[row.name] = {'status': 'needs data', 'prepare': hint}
+            raise RunnerError('{}: no {} in {}; prepare it with: {} (or pass --data_root)'.format(
+                row.name, subfolder, data_root, hint))
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / 'runner.json'
+    state = RunState.load(state_path)
+    flags = row.command(iterations) + ['--logdir=' + str(folder), '--data_root=' + str(data_root)]
+    print('== {}: python main.py {}'.format(row.name, ' '.join(flags)), flush=True)
+    train_row(row, flags, folder, state, state_path)
+    csv_path, checkpoint = evaluate_row(row, flags, folder, state, state_path)
+    columns = read_csv(csv_path)
+    trained = int(re.search(r'model(\d+)$', checkpoint).group(1)) + 1
+    results[row.name] = {
+        'status': 'done',
+        'steps': {str(s): columns['update%d' % s][::2] for s in row.steps},   # (mean, ci95)
+        'pre_update': columns['update0'][::2],
+        'iterations': trained,
+        'paper_iterations': row.paper_iterations,
+        'train_seconds': round(state.train_seconds),
+        'eval_seconds': round(state.eval_seconds),
+        'machine': machine(),
+        'date': datetime.date.today().isoformat(),
+        'commits': state.commits + ([git_commit()] if git_commit() not in state.commits else []),
+        'command': 'python main.py ' + ' '.join(row.command()),
+        'csv': display_path(csv_path),
+        'curve': {int(k): v for k, v in state.curve.items() if int(k) < trained},
+    }
+
+
+## RESULTS.md
+DATA_BEGIN, DATA_END = '<!-- reproduce.py data: do not edit; rewritten from runs', '-->'
+
+
+def load_results(path):
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    if DATA_BEGIN not in text:
+        return {}
+    block = text.split(DATA_BEGIN, 1)[1].split(DATA_END, 1)[0]
+    return json.loads(block)
+
+
+def fmt_value(table, mean, ci):
+    if table == 'sinusoid':
+        return '{:.3f}'.format(mean) + (' ± {:.3f}'.format(ci) if ci is not None else '')
+    return '{:.2f}'.format(100 * mean) + (' ± {:.2f}'.format(100 * ci) if ci is not None else '')
+
+
+def verdict(row, result):
+    """Whether our interval meets the paper's, said plainly (only for a full-length run)."""
+    if result['iterations'] < result['paper_iterations']:
+        return 'short run: not comparable yet'
+    if not row.paper or any(p is None or p[1] is None for p in row.paper):
+        return 'paper gives no interval' if row.paper else 'no paper number'
+    words = []
+    for step, (p_mean, p_ci) in zip(row.steps, row.paper):
+        mean, ci = result['steps'][str(step)]
+        if mean + ci < p_mean - p_ci:
+            words.append('BELOW the paper\'s interval')
+        elif mean - ci > p_mean + p_ci:
+            words.append('above the paper\'s interval')
+        else:
+            words.append('within the paper\'s interval')
+    return '; '.join(words)
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return '{}:{:02d}:{:02d}'.format(seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def render_table(table, results):
+    rows = [r for r in ROWS.values() if r.table == table]
+    unit = 'MSE' if table == 'sinusoid' else 'accuracy %'
+    head = ('| row | ours ({}, mean ± 95% CI) | paper | before adapting | iterations / paper\'s | budget '
+            '| vs paper | wall time (train + eval) | machine | date | commit |'.format(unit))
+    lines = [head, '|' + '---|' * 11]
+    for row in rows:
+        result = results.get(row.name)
+        if not result or result.get('status') != 'done':
+            why = 'not run here'
+            if result and result.get('status') == 'needs data':
+                why = 'not run: needs data, `{}`'.format(result['prepare'])
+            lines.append('| `{}` {} | {} | | | | | | | | | |'.format(row.name, row.label, why))
+            continue
+        ours = '<br>'.join('{} step{}: {}'.format(s, '' if s == 1 else 's', fmt_value(table, *result['steps'][str(s)]))
+                           for s in row.steps)
+        paper = '<br>'.join(fmt_value(table, *p) if p else '—' for p in row.paper) if row.paper else '—'
+        short = result['iterations'] < result['paper_iterations']
+        lines.append('| `{}` {} | {} | {} | {} | {} / {} | {} | {} | {} + {} | {} | {} | {} |'.format(
+            row.name, row.label, ours, paper, fmt_value(table, *result['pre_update']),
+            result['iterations'], result['paper_iterations'],
+            'SHORT: {} of {}'.format(result['iterations'], result['paper_iterations']) if short else 'full',
+            verdict(row, result), format_duration(result['train_seconds']),
+            format_duration(result['eval_seconds']), result['machine'], result['date'],
+            ', '.join(result['commits'])))
+    return lines
+
+
+def render_curves(results):
+    lines = []
+    for row in ROWS.values():
+        result = results.get(row.name)
+        if not result or result.get('status') != 'done' or not result.get('curve'):
+            continue
+        curve = sorted((int(k), v) for k, v in result['curve'].items())
+        steps = int(row.flag('num_updates', '1'))
+        lines += ['', '<details><summary><code>{}</code>: validation accuracy every 500 iterations '
+                      '(one meta-batch of validation tasks, as main.py prints it)</summary>'.format(row.name), '',
+                  '| iteration | before adapting | after {} step{} |'.format(steps, '' if steps == 1 else 's'),
+                  '|---|---|---|']
+        lines += ['| {} | {:.3f} | {:.3f} |'.format(itr, pre, post) for itr, (pre, post) in curve]
+        lines += ['', '</details>']
+    return lines
+
+
+def render(results):
+    lines = ['# Results: the MAML paper\'s tables, reproduced with this port', '',
+             'Every number here was written by `python reproduce.py ROW` from the evaluation CSV of a '
+             'run (600 test tasks, `--train=False --test_set=True`); the commands and how each number '
+             'is taken are in `reproduce.py --list` and the README. A row trained for fewer iterations '
+             'than the paper says so in its budget column and is not compared with the paper. Wall '
+             'times are this machine\'s (CPU only).', '']
+    titles = {'sinusoid': 'Sinusoid regression (MSE after 1, 5 and 10 inner steps; the paper gives curves, '
+                          'its values here are read from them and approximate)',
+              'omniglot': 'Omniglot (Table 1)', 'miniimagenet': 'MiniImagenet (Table 1)'}
+    for table in ('sinusoid', 'omniglot', 'miniimagenet'):
+        lines += ['## ' + titles[table], ''] + render_table(table, results) + ['']
+    curves = render_curves(results)
+    if curves:
+        lines += ['## Validation curves'] + curves + ['']
+    lines += [DATA_BEGIN, json.dumps(results, indent=None, sort_keys=True), DATA_END, '']
+    return '\n'.join(lines)
+
+
+def write_results(path, results):
+    partial = path.with_name(path.name + '.partial')
+    partial.write_text(render(results))
+    os.replace(partial, path)
+
+
+## Command line
+def list_rows():
+    for row in ROWS.values():
+        print('{:<28s} {}  [{}]\n{:<28s} python main.py {}'.format(
+            row.name, row.label, row.note, '', ' '.join(row.command())))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('rows', nargs='*', help='row names or groups: ' + ', '.join(list(GROUPS)))
+    parser.add_argument('--list', action='store_true', help='list the rows and their commands')
+    parser.add_argument('--iterations', type=int, default=None,
+                        help='train this many iterations instead of the paper\'s (labelled as a short run)')
+    parser.add_argument('--logdir', default=str(REPO / 'logs' / 'reproduce'))
+    parser.add_argument('--data_root', default=str(REPO / 'data'))
+    parser.add_argument('--results', default=str(REPO / 'RESULTS.md'))
+    args = parser.parse_args(argv)
+    if args.list or not args.rows:
+        list_rows()
+        return 0
+    unknown = [r for r in args.rows if r not in ROWS and r not in GROUPS]
+    if unknown:
+        print('error: unknown row {}; see python reproduce.py --list'.format(unknown[0]), file=sys.stderr)
+        return 2
+    if args.iterations is not None and args.iterations <= 0:
+        print('error: --iterations must be positive', file=sys.stderr)
+        return 2
+    names = [n for r in args.rows for n in (GROUPS.get(r) or [r])]
+    results_path = Path(args.results)
+    failed = False
+    for name in dict.fromkeys(names):
+        results = load_results(results_path)
+        try:
+            run_row(ROWS[name], args.iterations, args.logdir, args.data_root, results)
+        except RunnerError as error:
+            print('error: ' + str(error), file=sys.stderr, flush=True)
+            failed = True
+        except KeyboardInterrupt:
+            print('{}: stopped; rerun the same command to resume.'.format(name), file=sys.stderr)
+            return 130
+        write_results(results_path, results)
+        if results.get(name, {}).get('status') == 'done':
+            print('{}: wrote its row of {}'.format(name, results_path), flush=True)
+    return 2 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""reproduce.py: a row written from a real run's CSV, resumed on a second run, and missing data."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import reproduce
+from tests.conftest import REPO
+
+ROW = 'sine_k5_maml'
+
+
+def run_reproduce(*args, timeout=600):
+    return subprocess.run([sys.executable, str(REPO / 'reproduce.py'), *args], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def table_line(results_md, row):
+    lines = [line for line in results_md.splitlines() if line.startswith('| `{}`'.format(row))]
+    assert len(lines) == 1, results_md
+    return [cell.strip() for cell in lines[0].strip('|').split('|')]
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    return {name: [float(r[i]) for r in rows[1:]] for i, name in enumerate(rows[0])}
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp('reproduce')
+    args = (ROW, '--iterations=60', '--logdir=' + str(base / 'logs'), '--results=' + str(base / 'RESULTS.md'))
+    return base, args, run_reproduce(*args)
+
+
+def test_tiny_budget_writes_its_row_from_the_csv(first_run):
+    base, _, result = first_run
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    text = (base / 'RESULTS.md').read_text()
+    data = reproduce.load_results(base / 'RESULTS.md')
+    entry = data[ROW]
+    csv_path = REPO / entry['csv']
+    assert csv_path.is_file() and str(csv_path).startswith(str(base / 'logs' / ROW))
+    columns = read_csv(csv_path)
+    assert list(columns) == ['update%d' % i for i in range(11)]
+    for step in (1, 5, 10):                       # mean and 95% CI of the CSV, as the row shows them
+        mean, _, ci = columns['update%d' % step]
+        assert entry['steps'][str(step)] == pytest.approx([mean, ci], rel=1e-6)
+    assert entry['pre_update'] == pytest.approx([columns['update0'][0], columns['update0'][2]], rel=1e-6)
+    assert entry['iterations'] == 60 and entry['paper_iterations'] == 70000
+    cells = table_line(text, ROW)
+    mean1, _, ci1 = columns['update1']
+    assert '1 step: {:.3f} ± {:.3f}'.format(mean1, ci1) in cells[1]
+    assert cells[2].startswith('0.670')                              # the paper's K=5 value after 1 step
+    assert cells[4] == '60 / 70000' and cells[5] == 'SHORT: 60 of 70000'
+    assert 'not comparable' in cells[6]
+    assert entry['commits'] and entry['date'] in cells[9] and 'cores' in cells[8]
+    assert entry['train_seconds'] > 0
+    # Every other row is listed as not run, with no numbers.
+    assert 'not run here' in ' '.join(table_line(text, 'omniglot_5w1s'))
+    assert '--metatrain_iterations=60' in (base / 'logs' / ROW / 'train.log').read_text()
+
+
+def test_a_second_run_resumes_instead_of_starting_over(first_run):
+    base, args, _ = first_run
+    before = reproduce.load_results(base / 'RESULTS.md')[ROW]
+    again = run_reproduce(*args)                   # same budget: nothing to train or evaluate
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert 'Training already finished' in again.stdout
+    assert 'Wrote ' not in again.stdout            # the evaluation of model59 is reused
+    longer = run_reproduce(*[a for a in args if not a.startswith('--iterations')], '--iterations=90')
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    exp = next((base / 'logs' / ROW).glob('cls_*'))
+    assert 'Restoring model weights from {}'.format(exp / 'model59') in longer.stdout
+    after = reproduce.load_results(base / 'RESULTS.md')[ROW]
+    assert after['iterations'] == 90
+    assert after['train_seconds'] >= before['train_seconds']
+    assert after['steps'] != before['steps']
+    state = json.loads((base / 'logs' / ROW / 'runner.json').read_text())
+    assert state['evaluated']['checkpoint'].endswith('model89')
+
+
+def test_a_row_without_its_data_names_the_preparation_command(tmp_path):
+    results = tmp_path / 'RESULTS.md'
+    result = run_reproduce('omniglot_5w1s', 'mini_5w1s', '--data_root=' + str(tmp_path / 'nothing'),
+                           '--logdir=' + str(tmp_path / 'logs'), '--results=' + str(results))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 2 and 'Traceback' not in result.stderr, result.stderr
+    assert 'python data/prepare_omniglot.py' in errors[0] and 'python data/prepare_miniimagenet.py' in errors[1]
+    text = results.read_text()
+    assert 'needs data, `python data/prepare_omniglot.py' in ' '.join(table_line(text, 'omniglot_5w1s'))
+    assert 'needs data, `python data/prepare_miniimagenet.py' in ' '.join(table_line(text, 'mini_5w1s'))
+    assert not (tmp_path / 'logs' / 'omniglot_5w1s').exists()
+
+
+def test_rows_are_the_usage_blocks_commands():
+    usage = (REPO / 'main.py').read_text().split('"""')[1]
+    commands = [[f for f in line.strip()[len('python main.py '):].split() if not f.startswith('--logdir')]
+                for line in usage.splitlines() if line.strip().startswith('python main.py')]
+    sine, oracle, pretrained, omniglot5, omniglot20, mini1, mini5 = commands
+    expected = {
+        'sine_k10_maml_usage': sine, 'sine_k10_oracle': oracle, 'sine_k10_pretrained': pretrained,
+        'sine_k10_maml': sine + ['--update_lr=0.01'],
+        'sine_k5_maml': reproduce.with_flag(sine, 'update_batch_size', 5) + ['--update_lr=0.01'],
+        'sine_k5_pretrained': reproduce.with_flag(pretrained, 'update_batch_size', 5),
+        'omniglot_5w1s': omniglot5, 'omniglot_20w1s': omniglot20,
+        'omniglot_5w5s': reproduce.with_flag(omniglot5, 'update_batch_size', 5),
+        'omniglot_20w5s': reproduce.with_flag(omniglot20, 'update_batch_size', 5),
+        'mini_5w1s': mini1, 'mini_5w5s': mini5, 'mini_5w1s_first_order': mini1 + ['--stop_grad=True'],
+        'mini_5w5s_first_order': mini5 + ['--stop_grad=True'],
+    }
+    for name, flags in expected.items():
+        assert sorted(reproduce.ROWS[name].flags) == sorted(flags), name
+    steps = {name: row.steps for name, row in reproduce.ROWS.items()}
+    assert steps['omniglot_5w1s'] == steps['omniglot_5w5s'] == (3,)
+    assert steps['omniglot_20w1s'] == steps['omniglot_20w5s'] == (5,)
+    assert steps['mini_5w1s'] == steps['mini_5w5s_first_order'] == (10,)
+    assert steps['sine_k10_maml'] == (1, 5, 10)
+    np.testing.assert_allclose(reproduce.ROWS['omniglot_5w1s'].paper[0], (0.987, 0.004))
+    np.testing.assert_allclose(reproduce.ROWS['mini_5w5s_first_order'].paper[0], (0.6315, 0.0091))
