@@ -40,8 +40,9 @@ from absl import app, flags  # noqa: E402
 
 import data_generator as data  # noqa: E402
 from maml import MAML, ModelConfig  # noqa: E402
-from utils import (NORMS, Progress, UserError, checkpoint_iteration, experiment_name,  # noqa: E402
-                   find_checkpoint)
+from utils import (NORMS, Progress, UserError, checkpoint_iteration, checkpoint_state_names,  # noqa: E402
+                   experiment_name, list_checkpoints, lock_experiment, move_checkpoint_aside, named_checkpoint,
+                   newest_intact_checkpoint, remove_partial_saves, save_checkpoint)
 
 tf1 = tf.compat.v1
 FLAGS = flags.FLAGS
@@ -173,6 +174,48 @@ def sinusoid_feed(model, f, generator, rng):
 
 
 ## Checkpoints
+def training_checkpoint(f, exp_dir):
+    """The checkpoint training resumes from: the newest intact one (damaged newer ones are moved
+    aside, never deleted), model{--test_iter} if given, or none with --resume=False."""
+    removed = remove_partial_saves(exp_dir)
+    if removed:
+        print('Removed {} temporary file(s) of a save that was interrupted.'.format(removed))
+    if not f.resume:
+        previous = list_checkpoints(exp_dir)
+        if previous:
+            aside = os.path.join(exp_dir, 'previous', time.strftime('%Y%m%d-%H%M%S'))
+            for path in previous:
+                move_checkpoint_aside(path, aside)
+            print('--resume=False: moved the {} earlier checkpoint(s) to {}.'.format(len(previous), aside))
+        return None
+    if f.test_iter > 0:
+        return named_checkpoint(exp_dir, f.test_iter)
+    path, damaged = newest_intact_checkpoint(exp_dir)
+    if damaged:
+        aside = os.path.join(exp_dir, 'damaged', time.strftime('%Y%m%d-%H%M%S'))
+        for bad, why in damaged:
+            move_checkpoint_aside(bad, aside)
+            print('Checkpoint {} is damaged ({}): moved its files to {}.'.format(bad, why, aside))
+        print('Resuming from {}.'.format(path) if path else 'No intact checkpoint left: training starts over.')
+    named = checkpoint_state_names(exp_dir)
+    if named and not os.path.isfile(named + '.index') and named not in [bad for bad, _ in damaged]:
+        print('The checkpoint file names {}, which does not exist; using the newest intact checkpoint, {}.'.format(
+            named, path))
+    return path
+
+
+def evaluation_checkpoint(f, exp_dir):
+    if f.test_iter > 0:
+        return named_checkpoint(exp_dir, f.test_iter)
+    path, damaged = newest_intact_checkpoint(exp_dir)
+    for bad, why in damaged:
+        print('Skipping damaged checkpoint {} ({}).'.format(bad, why))
+    if path is None:
+        raise UserError('no {}checkpoint to evaluate in {}; train first with the same flags and --train=True, '
+                        'or point --logdir at the training run'.format('intact ' if damaged else '', exp_dir))
+    return path
+
+
 def restore(sess, path, full_state):
     """Restores weights (and, with full_state, the optimizer state) saved under their names.
 
@@ -219,43 +262,45 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, val_enabled):
     progress = Progress(resume_itr, total)
     stop = StopRequest()
     last = f.num_updates - 1
-    for itr in range(resume_itr, total):
-        pretraining = itr < f.pretrain_iterations
-        fetches = {'op': model.pretrain_op if pretraining else model.metatrain_op}
-        if itr % SUMMARY_INTERVAL == 0 or itr % print_interval == 0:
-            fetches['summary'] = model.metatrain_summ_op
-            if model.classification:
-                fetches['pre'], fetches['post'] = model.total_accuracy1, model.total_accuracies2[last]
-            else:
-                fetches['pre'], fetches['post'] = model.total_loss1, model.total_losses2[last]
-        result = sess.run(fetches, next_feed(itr))
+    try:
+        for itr in range(resume_itr, total):
+            pretraining = itr < f.pretrain_iterations
+            fetches = {'op': model.pretrain_op if pretraining else model.metatrain_op}
+            if itr % SUMMARY_INTERVAL == 0 or itr % print_interval == 0:
+                fetches['summary'] = model.metatrain_summ_op
+                if model.classification:
+                    fetches['pre'], fetches['post'] = model.total_accuracy1, model.total_accuracies2[last]
+                else:
+                    fetches['pre'], fetches['post'] = model.total_loss1, model.total_losses2[last]
+            result = sess.run(fetches, next_feed(itr))
 
-        if itr % SUMMARY_INTERVAL == 0:
-            prelosses.append(result['pre'])
-            postlosses.append(result['post'])
-            if writer:
-                writer.add_summary(result['summary'], itr)
-                if val_enabled:
-                    writer.add_summary(sess.run(model.metaval_summ_op), itr)
+            if itr % SUMMARY_INTERVAL == 0:
+                prelosses.append(result['pre'])
+                postlosses.append(result['post'])
+                if writer:
+                    writer.add_summary(result['summary'], itr)
+                    if val_enabled:
+                        writer.add_summary(sess.run(model.metaval_summ_op), itr)
 
-        if itr != 0 and itr % print_interval == 0:
-            label = 'Pretrain Iteration ' + str(itr) if pretraining else 'Iteration ' + str(itr - f.pretrain_iterations)
-            print('{}: {}, {}'.format(label, np.mean(prelosses), np.mean(postlosses)))
-            print('    ' + progress.line(itr), flush=True)
-            prelosses, postlosses = [], []
+            if itr != 0 and itr % print_interval == 0:
+                label = 'Pretrain Iteration ' + str(itr) if pretraining else 'Iteration ' + str(itr - f.pretrain_iterations)
+                print('{}: {}, {}'.format(label, np.mean(prelosses), np.mean(postlosses)))
+                print('    ' + progress.line(itr), flush=True)
+                prelosses, postlosses = [], []
 
-        if (itr != 0 and itr % SAVE_INTERVAL == 0) or itr == total - 1 or stop.requested:
-            saver.save(sess, os.path.join(exp_dir, 'model' + str(itr)), write_meta_graph=False)
+            if (itr != 0 and itr % SAVE_INTERVAL == 0) or itr == total - 1 or stop.requested:
+                save_checkpoint(saver, sess, exp_dir, itr)
 
-        if val_enabled and itr != 0 and itr % test_print_interval == 0:
-            val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[last]])
-            print('Validation results: ' + str(val[0]) + ', ' + str(val[1]), flush=True)
+            if val_enabled and itr != 0 and itr % test_print_interval == 0:
+                val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[last]])
+                print('Validation results: ' + str(val[0]) + ', ' + str(val[1]), flush=True)
 
-        if stop.requested:
-            print('Stopped after iteration {}; rerun the same command to resume.'.format(itr))
-            break
-    if writer:
-        writer.close()
+            if stop.requested:
+                print('Stopped after iteration {}; rerun the same command to resume.'.format(itr))
+                break
+    finally:
+        if writer:
+            writer.close()
 
 
 ## Evaluation
@@ -320,11 +365,13 @@ def run(f):
         f.pretrain_iterations += f.metatrain_iterations
         f.metatrain_iterations = 0
     exp_dir = experiment_dir(f)
-    checkpoint = find_checkpoint(exp_dir, f.test_iter) if (f.resume or not f.train) else None
-    if not f.train and checkpoint is None:
-        raise UserError('no checkpoint to evaluate in {}; train first with the same flags and --train=True, '
-                        'or point --logdir at the training run'.format(exp_dir))
-    ensure_writable(exp_dir)
+    if f.train:
+        ensure_writable(exp_dir)
+        lock_experiment(exp_dir)
+        checkpoint = training_checkpoint(f, exp_dir)
+    else:
+        checkpoint = evaluation_checkpoint(f, exp_dir)
+        ensure_writable(exp_dir)
     resume_itr = checkpoint_iteration(checkpoint) + 1 if checkpoint and f.train else 0
     total = f.pretrain_iterations + f.metatrain_iterations
     if f.train and resume_itr >= total:
@@ -358,7 +405,7 @@ def run(f):
         next_feed = lambda _: None
         val_enabled = True
 
-    saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=10)
+    saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=None)   # save_checkpoint keeps the newest 10
     print('Data and graph ready in {:.1f} s'.format(time.time() - started), flush=True)
     sess = tf1.Session()
     sess.run(tf1.global_variables_initializer())

@@ -4,8 +4,10 @@ Every network function here works on a whole meta-batch at once: the leading axi
 activation or of a fast weight is the task. That replaces the reference's `tf.map_fn` over
 tasks, so TensorFlow prunes inner steps that nothing fetched and runs no while loop.
 """
+import fcntl
 import os
 import re
+import socket
 import time
 
 import tensorflow as tf
@@ -219,6 +221,8 @@ def experiment_name(num_classes, meta_batch_size, update_batch_size, num_updates
 
 
 _CHECKPOINT_NAME = re.compile(r'^model(\d+)$')
+CHECKPOINTS_KEPT = 10
+_PARTIAL_PREFIX = '.partial-'     # a save in progress: renamed to model{N} once complete
 
 
 def checkpoint_iteration(path):
@@ -229,31 +233,145 @@ def checkpoint_iteration(path):
     return int(match.group(1))
 
 
-def find_checkpoint(exp_dir, test_iter=-1):
-    """The checkpoint to restore from `exp_dir`: the latest, or model{test_iter}; None if none."""
-    if test_iter > 0:
-        path = os.path.join(exp_dir, 'model' + str(test_iter))
-        if not tf1.train.checkpoint_exists(path):
-            available = sorted(checkpoint_iteration(p) for p in list_checkpoints(exp_dir))
-            raise UserError('--test_iter={}: no checkpoint {} (available: {}); pass one of those or '
-                            '-1 for the latest'.format(test_iter, path, available or 'none'))
-        return path
-    if not os.path.isdir(exp_dir):
-        return None
-    return tf1.train.latest_checkpoint(exp_dir) or _newest_checkpoint_file(exp_dir)
-
-
 def list_checkpoints(exp_dir):
+    """Every complete model{N} in exp_dir (it has an index), the newest first."""
     if not os.path.isdir(exp_dir):
         return []
-    names = {f.split('.')[0] for f in os.listdir(exp_dir) if f.endswith('.index')}
-    return [os.path.join(exp_dir, n) for n in names if _CHECKPOINT_NAME.match(n)]
+    names = {f[:-len('.index')] for f in os.listdir(exp_dir) if f.endswith('.index')}
+    paths = [os.path.join(exp_dir, n) for n in names if _CHECKPOINT_NAME.match(n)]
+    return sorted(paths, key=checkpoint_iteration, reverse=True)
 
 
-def _newest_checkpoint_file(exp_dir):
-    """Fallback when the `checkpoint` index file is missing: the model{N} with the largest N."""
-    paths = list_checkpoints(exp_dir)
-    return max(paths, key=checkpoint_iteration) if paths else None
+def checkpoint_problem(path):
+    """None if every tensor of checkpoint `path` reads back (checksums included), else why not."""
+    try:
+        reader = tf1.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as error:  # noqa: BLE001  damage shows as OpError, IndexError, ValueError...
+        lines = str(error).strip().splitlines()
+        return '{}: {}'.format(type(error).__name__, lines[0][:160] if lines else 'unreadable')
+    return None
+
+
+def newest_intact_checkpoint(exp_dir):
+    """(the newest checkpoint that reads back whole or None, [(newer damaged path, why)])."""
+    damaged = []
+    for path in list_checkpoints(exp_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def named_checkpoint(exp_dir, iteration):
+    """model{iteration} of exp_dir for --test_iter, checked whole; UserError naming the usable ones."""
+    path = os.path.join(exp_dir, 'model' + str(iteration))
+    problem = None if os.path.isfile(path + '.index') else 'no checkpoint'
+    problem = problem or checkpoint_problem(path)
+    if problem:
+        intact = [checkpoint_iteration(p) for p in list_checkpoints(exp_dir) if not checkpoint_problem(p)]
+        what = 'no checkpoint {}'.format(path) if problem == 'no checkpoint' else \
+            'checkpoint {} is damaged ({})'.format(path, problem)
+        raise UserError('--test_iter={}: {} (intact: {}); pass one of those or -1 for the newest'.format(
+            iteration, what, sorted(intact) or 'none'))
+    return path
+
+
+def checkpoint_state_names(exp_dir):
+    """The checkpoint that exp_dir's `checkpoint` file names as the newest, or None."""
+    try:
+        with open(os.path.join(exp_dir, 'checkpoint')) as f:
+            match = re.search(r'^model_checkpoint_path: "([^"]*)"', f.read(), re.M)
+    except OSError:
+        return None
+    return os.path.join(exp_dir, match.group(1)) if match else None
+
+
+def checkpoint_files(path):
+    folder, name = os.path.split(path)
+    return [os.path.join(folder, f) for f in os.listdir(folder)
+            if f == name + '.index' or f.startswith(name + '.data-')]
+
+
+def move_checkpoint_aside(path, folder):
+    """Moves the files of checkpoint `path` into `folder` (created); never deletes them."""
+    os.makedirs(folder, exist_ok=True)
+    for f in checkpoint_files(path):
+        os.replace(f, os.path.join(folder, os.path.basename(f)))
+
+
+def remove_partial_saves(exp_dir):
+    """Deletes the temporaries of saves that a killed process left; returns how many files."""
+    if not os.path.isdir(exp_dir):
+        return 0
+    partial = [f for f in os.listdir(exp_dir) if f.startswith(_PARTIAL_PREFIX)]
+    for f in partial:
+        os.remove(os.path.join(exp_dir, f))
+    return len(partial)
+
+
+def save_checkpoint(saver, sess, exp_dir, itr, keep=CHECKPOINTS_KEPT):
+    """Saves model{itr} so that no kill, full disk or vanished folder leaves a half-written newest one.
+
+    The saver writes under a temporary name; the data files, then the index are renamed into place
+    (a checkpoint counts only once its index exists), then the `checkpoint` file names it, then all
+    but the `keep` newest are deleted. A failure removes the temporaries and raises UserError: the
+    earlier checkpoints are untouched.
+    """
+    name = 'model' + str(itr)
+    final, partial = os.path.join(exp_dir, name), os.path.join(exp_dir, _PARTIAL_PREFIX + name)
+    try:
+        saver.save(sess, partial, write_meta_graph=False, write_state=False)
+        written = checkpoint_files(partial)
+        for f in written:
+            with open(f, 'rb') as handle:
+                os.fsync(handle.fileno())
+        if os.path.exists(final + '.index'):
+            os.remove(final + '.index')
+        for f in sorted(written, key=lambda f: f.endswith('.index')):     # the index last
+            os.replace(f, final + f[len(partial):])
+        kept = list_checkpoints(exp_dir)
+        tf1.train.update_checkpoint_state(exp_dir, name, [os.path.basename(p) for p in reversed(kept[:keep])])
+        for old in kept[keep:]:
+            for f in checkpoint_files(old):
+                os.remove(f)
+    except (tf.errors.OpError, OSError, ValueError) as error:
+        try:
+            for f in checkpoint_files(partial):
+                os.remove(f)
+        except OSError:
+            pass
+        reason = getattr(error, 'strerror', None) or getattr(error, 'message', None) or str(error)
+        raise UserError('could not save checkpoint {} at iteration {} in {} ({}); training stopped, the '
+                        'checkpoints before it are intact; free space or fix the folder, then rerun the same '
+                        'command to resume'.format(name, itr, exp_dir, reason.strip().splitlines()[0][:160]))
+    return final
+
+
+def lock_experiment(exp_dir):
+    """Takes exp_dir for this training process (until it exits); UserError if another run holds it.
+
+    The lock is an flock on EXP/.lock, which the kernel releases when its process dies, even
+    by kill -9: a stale lock never blocks the next start.
+    """
+    path = os.path.join(exp_dir, '.lock')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors='replace').strip() or 'a process'
+        os.close(fd)
+        raise UserError('another training run ({}) is writing {}; wait for it to finish or stop it '
+                        '(Ctrl-C saves and stops it) before starting this one'.format(holder, exp_dir))
+    os.ftruncate(fd, 0)
+    os.write(fd, 'pid {} on {}'.format(os.getpid(), socket.gethostname()).encode())
+    _held_locks.append(fd)
+    return fd
+
+
+_held_locks = []
 
 
 ## Progress
