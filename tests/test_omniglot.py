@@ -274,21 +274,18 @@ def run_main(*args, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
-# 5-way 5-shot (the paper's 5-shot variant, meta batch 8) with meta_lr 0.006 instead of 0.001.
-# The inputs are 1 - 1/255 (ink) against 1 (the reference's 1-bit PNG quirk, kept on purpose), so
-# the features hardly depend on the image at first and accuracy sits at chance until the first
-# convolution has grown; when it takes off depends on float rounding. 1-shot took off anywhere
-# between 300 and 800+ iterations in our runs; 5-shot (25 support images a task) took off by
-# iteration 300 with oneDNN on and off. Measured (oneDNN on / off): validation post-update accuracy
-# at iteration 500: 0.835 / 0.815; 600 test tasks after 501 iterations (oneDNN on):
-# pre-update 0.204, after one step 0.795.
+# The paper's 5-way 1-shot command (meta batch 32, one inner step of 0.4), shortened. With the pixels
+# the reference feeds (0 stroke, 1 background) it learns from the start; measured here (2-core AMD
+# EPYC, oneDNN): training post-update accuracy 0.35 / 0.47 / 0.62 at iterations 100 / 200 / 300 and
+# validation 0.625 at iteration 500 (chance: 0.2).
 TRAIN_ITERATIONS = 501
-K_SHOT = 5
-OMNIGLOT_FLAGS = ['--datasource=omniglot', '--meta_batch_size=8', '--update_batch_size=%d' % K_SHOT,
+K_SHOT = 1
+OMNIGLOT_FLAGS = ['--datasource=omniglot', '--meta_batch_size=32', '--update_batch_size=%d' % K_SHOT,
                   '--update_lr=0.4', '--num_updates=1']
-TRAIN_FLAGS = ['--meta_lr=0.006', '--metatrain_iterations={}'.format(TRAIN_ITERATIONS)]
-EXPERIMENT = 'cls_5.mbs_8.ubs_5.numstep1.updatelr0.4batchnorm'
-RESULTS = 'test_ubs5_stepsize0.4'
+TRAIN_FLAGS = ['--metatrain_iterations={}'.format(TRAIN_ITERATIONS)]
+EXPERIMENT = 'cls_5.mbs_32.ubs_1.numstep1.updatelr0.4batchnorm'
+RESULTS = 'test_ubs1_stepsize0.4'
+QUERY_PER_TASK = 5 * K_SHOT
 
 
 def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_path):
@@ -300,7 +297,9 @@ def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_
     assert [int(i) for i, _, _ in lines] == list(range(100, TRAIN_ITERATIONS, 100)), trained.stdout
     validation = re.findall(r'^Validation results: (\S+), (\S+)$', trained.stdout, re.M)
     assert len(validation) == 1, trained.stdout
-    assert float(validation[0][1]) > 0.5, trained.stdout     # 8 tasks x 25 query images, chance 0.2
+    assert float(validation[0][1]) > 0.45, trained.stdout    # 32 tasks x 5 query images, chance 0.2
+    post = [float(p) for _, _, p in lines]
+    assert max(post[:3]) > 0.3, trained.stdout                # learning from the first few hundred
     exp_dir = Path(logdir) / EXPERIMENT
     assert (exp_dir / 'model{}.index'.format(TRAIN_ITERATIONS - 1)).is_file()
 
@@ -316,12 +315,13 @@ def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_
     with open(exp_dir / (RESULTS + '.pkl'), 'rb') as f:
         values = pickle.load(f)['mses']
     assert values.shape == (600, 11)
-    np.testing.assert_allclose(values * 25, np.round(values * 25), atol=1e-3)   # 25 query images a task
+    np.testing.assert_allclose(values * QUERY_PER_TASK, np.round(values * QUERY_PER_TASK), atol=1e-3)
     np.testing.assert_allclose(means, values.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stds, values.std(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ci95, 1.96 * values.std(0) / np.sqrt(600), rtol=1e-4, atol=1e-6)
     assert abs(means[0] - 0.2) < 0.05, means          # before adapting: chance
-    assert means[1] > 0.5 and means[1] > means[0] + 0.2, means
+    assert means[1] > 0.45 and means[1] > means[0] + 0.2, means
+    assert means[3] >= means[1] - 0.02, means          # the paper's 3 steps do not undo the first
     assert len({tuple(row) for row in values}) > 20   # 600 different tasks, not one repeated
 
 
