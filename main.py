@@ -27,6 +27,7 @@ Usage Instructions:
 import csv
 import os
 import pickle
+import platform
 import random
 import signal
 import sys
@@ -34,9 +35,28 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+
+def _runs_convolutions(argv):
+    """Whether the command line asks for an image data source (the flags are parsed later)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith('--datasource='):
+            return arg.split('=', 1)[1] != 'sinusoid'
+        if arg == '--datasource' and i + 1 < len(argv):
+            return argv[i + 1] != 'sinusoid'
+    return False
+
+
+if platform.machine().lower() in ('x86_64', 'amd64') and _runs_convolutions(sys.argv[1:]):
+    # TensorFlow turns oneDNN on by itself only on CPUs with AVX-512 VNNI or newer. On others (AVX2)
+    # the conv nets need it too: grouped convolution, 3x faster graph building, less memory, and
+    # 15-20% faster meta-updates (measured on a 2-core AVX2 AMD EPYC). The sinusoid's small dense
+    # net runs faster without it. TF_ENABLE_ONEDNN_OPTS=0 still turns it off.
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
+from tensorflow.core.protobuf import config_pb2  # noqa: E402
 
 import data_generator as data  # noqa: E402
 from maml import MAML, ModelConfig  # noqa: E402
@@ -164,13 +184,16 @@ def image_tasks(f, split, batch_size, rounds, seed):
                            rotate=False, invert=False, seed=seed)
 
 
-def sinusoid_feed(model, f, generator, rng):
+FEED_ORDER = ('inputa', 'inputb', 'labela', 'labelb')
+
+
+def sinusoid_feed(f, generator, rng):
+    """One meta-batch of sinusoid tasks, as values for the model's placeholders in FEED_ORDER."""
     inputs, outputs, amp, phase = generator.generate(rng)
     if f.baseline == 'oracle':
         inputs = data.with_oracle_inputs(inputs, amp, phase)
     batch = data.split_support_query(inputs, outputs, f.update_batch_size)
-    return {model.inputa: batch['inputa'], model.inputb: batch['inputb'],
-            model.labela: batch['labela'], model.labelb: batch['labelb']}
+    return [batch[name].astype(np.float32) for name in FEED_ORDER]
 
 
 ## Checkpoints
@@ -252,35 +275,29 @@ class StopRequest:
         print('Stopping after this iteration and saving a checkpoint (press again to abort)...', flush=True)
 
 
-def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, val_enabled):
+def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled):
     print_interval = 1000 if f.datasource == 'sinusoid' else 100
     test_print_interval = print_interval * 5
     total = f.pretrain_iterations + f.metatrain_iterations
     writer = tf1.summary.FileWriter(exp_dir, sess.graph) if f.log else None
+    steps = TrainingSteps(model, sess, feed_list)
     print('Done initializing, starting training.')
     prelosses, postlosses = [], []
     progress = Progress(resume_itr, total)
     stop = StopRequest()
-    last = f.num_updates - 1
     try:
         for itr in range(resume_itr, total):
             pretraining = itr < f.pretrain_iterations
-            fetches = {'op': model.pretrain_op if pretraining else model.metatrain_op}
             if itr % SUMMARY_INTERVAL == 0 or itr % print_interval == 0:
-                fetches['summary'] = model.metatrain_summ_op
-                if model.classification:
-                    fetches['pre'], fetches['post'] = model.total_accuracy1, model.total_accuracies2[last]
-                else:
-                    fetches['pre'], fetches['post'] = model.total_loss1, model.total_losses2[last]
-            result = sess.run(fetches, next_feed(itr))
-
-            if itr % SUMMARY_INTERVAL == 0:
-                prelosses.append(result['pre'])
-                postlosses.append(result['post'])
+                summary, pre, post = steps.reporting(pretraining)(*next_feed(itr))
+                prelosses.append(pre)
+                postlosses.append(post)
                 if writer:
-                    writer.add_summary(result['summary'], itr)
+                    writer.add_summary(summary, itr)
                     if val_enabled:
                         writer.add_summary(sess.run(model.metaval_summ_op), itr)
+            else:
+                steps.plain(pretraining)(*next_feed(itr))
 
             if itr != 0 and itr % print_interval == 0:
                 label = 'Pretrain Iteration ' + str(itr) if pretraining else 'Iteration ' + str(itr - f.pretrain_iterations)
@@ -292,7 +309,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, val_enabled):
                 save_checkpoint(saver, sess, exp_dir, itr)
 
             if val_enabled and itr != 0 and itr % test_print_interval == 0:
-                val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[last]])
+                val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[f.num_updates - 1]])
                 print('Validation results: ' + str(val[0]) + ', ' + str(val[1]), flush=True)
 
             if stop.requested:
@@ -303,19 +320,58 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, val_enabled):
             writer.close()
 
 
+class TrainingSteps:
+    """One training iteration as a session callable: `plain` runs the update alone, `reporting` also
+    returns the summary and the pre- and post-update numbers that are printed."""
+
+    def __init__(self, model, sess, feed_list):
+        self.model, self.sess, self.feed_list = model, sess, feed_list
+        self._callables = {}
+
+    def _callable(self, pretraining, reporting):
+        key = (pretraining, reporting)
+        if key not in self._callables:
+            model, last = self.model, self.model.config.num_updates - 1
+            fetches = []
+            if reporting:
+                pre, post = ((model.total_accuracy1, model.total_accuracies2[last]) if model.classification
+                             else (model.total_loss1, model.total_losses2[last]))
+                fetches = [model.metatrain_summ_op, pre, post]
+            target = model.pretrain_op if pretraining else model.metatrain_op
+            self._callables[key] = session_callable(self.sess, fetches, self.feed_list, [target])
+        return self._callables[key]
+
+    def plain(self, pretraining):
+        return self._callable(pretraining, False)
+
+    def reporting(self, pretraining):
+        return self._callable(pretraining, True)
+
+
+def session_callable(sess, fetches, feeds, targets=()):
+    """f(*feed values) -> the values of `fetches` (tensors), also running `targets` (ops).
+
+    TensorFlow's callable API: unlike Session.run (and make_callable with feeds, which falls back
+    to it), it does not rebuild the feed and fetch bookkeeping in Python on every call: about 1 ms
+    less per sinusoid iteration, a quarter of it. Feed values must have the placeholders' dtypes.
+    """
+    options = config_pb2.CallableOptions()
+    options.feed.extend(t.name for t in feeds)
+    options.fetch.extend(t.name for t in fetches)
+    options.target.extend(op.name for op in targets)
+    return sess._make_callable_from_options(options)   # noqa: SLF001  (the public make_callable falls back)
+
+
 ## Evaluation
-def test(model, sess, f, exp_dir, next_feed):
+def test(model, sess, f, exp_dir, next_feed, feed_list):
     """600 tasks, meta batch 1: pre-update and after every step, mean, std and 95% CI."""
     np.random.seed(1)
     random.seed(1)
-    rows = []
-    for _ in range(NUM_TEST_POINTS):
-        if model.classification:
-            result = sess.run([model.metaval_total_accuracy1] + model.metaval_total_accuracies2)
-        else:
-            result = sess.run([model.total_loss1] + model.total_losses2, next_feed(None))
-        rows.append(result)
-    values = np.array(rows)
+    if model.classification:
+        evaluate = session_callable(sess, [model.metaval_total_accuracy1] + model.metaval_total_accuracies2, [])
+    else:
+        evaluate = session_callable(sess, [model.total_loss1] + model.total_losses2, feed_list)
+    values = np.array([evaluate(*next_feed(None)) for _ in range(NUM_TEST_POINTS)])
     means = np.mean(values, 0)
     stds = np.std(values, 0)
     ci95 = (1.96 * stds / np.sqrt(NUM_TEST_POINTS)).astype(values.dtype)
@@ -396,13 +452,14 @@ def run(f):
         model = MAML(config, 3 if f.baseline == 'oracle' else 1, 1, test_num_updates)
         model.construct_model(prefix='metatrain_')
         if f.train:
-            next_feed = lambda itr: sinusoid_feed(model, f, generator, data.batch_rng(TRAIN_SEED, itr))
+            next_feed = lambda itr: sinusoid_feed(f, generator, data.batch_rng(TRAIN_SEED, itr))
         else:
-            next_feed = lambda _: sinusoid_feed(model, f, generator, np.random)
+            next_feed = lambda _: sinusoid_feed(f, generator, np.random)
+        feed_list = [getattr(model, name) for name in FEED_ORDER]
         val_enabled = False
     else:
         model, initializers = build_image_model(f, config, test_num_updates, resume_itr, total)
-        next_feed = lambda _: None
+        next_feed, feed_list = lambda _: (), []
         val_enabled = True
 
     saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=None)   # save_checkpoint keeps the newest 10
@@ -418,9 +475,9 @@ def run(f):
         if f.train and not full:
             print('(weights only: the optimizer state starts fresh)')
     if f.train:
-        train(model, sess, saver, f, exp_dir, resume_itr, next_feed, val_enabled)
+        train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled)
     else:
-        test(model, sess, f, exp_dir, next_feed)
+        test(model, sess, f, exp_dir, next_feed, feed_list)
 
 
 def main(argv):

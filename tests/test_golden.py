@@ -22,15 +22,28 @@ def test_case_matches_reference_within_tolerance(case):
     assert golden.check_case(str(GOLDEN / 'cases' / case)) == []
 
 
-def test_without_onednn_the_per_task_convolution_fallback_matches_too():
-    """CPU TensorFlow without oneDNN has no grouped convolution: each task gets its own convolution."""
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS='0')
-    script = ('import utils, sys; from tests import golden; assert not utils.grouped_conv_supported(); '
-              'sys.exit(golden.main(sys.argv[1:]))')
-    result = subprocess.run([sys.executable, '-c', script, str(GOLDEN / 'cases' / 'omniglot_5w1s')],
+@pytest.mark.parametrize('onednn', ['0', '1'])
+def test_with_onednn_off_and_on(onednn):
+    """Without oneDNN (TF_ENABLE_ONEDNN_OPTS=0) CPU TensorFlow has no grouped convolution: each task
+    gets its own convolution. With it (main.py's choice for image data on x86) the tasks run as one
+    grouped convolution and the per-task batch norm takes its gradient from the fused kernel."""
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL='3')
+    script = ('import utils, sys; from tests import golden; '
+              'assert utils.grouped_conv_supported() == utils.fused_bn_grad_supported() == {}; '
+              'sys.exit(golden.main(sys.argv[1:]))').format(onednn == '1')
+    cases = [str(GOLDEN / 'cases' / c) for c in ('omniglot_5w1s', 'omniglot_5w1s_firstorder')]
+    result = subprocess.run([sys.executable, '-c', script, *cases],
                             cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert 'golden: 1 of 1 cases match' in result.stdout
+    assert 'golden: 2 of 2 cases match' in result.stdout
+
+
+def test_main_turns_onednn_on_for_image_data_only():
+    import main
+    assert main._runs_convolutions(['--datasource=omniglot', '--num_classes=20'])
+    assert main._runs_convolutions(['--logdir=x', '--datasource', 'miniimagenet'])
+    assert not main._runs_convolutions(['--datasource=sinusoid', '--norm=None'])
+    assert not main._runs_convolutions(['--norm=None'])      # the default data source is the sinusoid
 
 
 def test_checker_command_fails_on_a_perturbed_case(tmp_path):

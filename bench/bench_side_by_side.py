@@ -1,0 +1,173 @@
+"""The port against the reference's own code, side by side on this machine.
+
+    python bench/bench_side_by_side.py [sinusoid omniglot5 omniglot5_first_order omniglot20 mini1]
+        [--rounds 3] [--sides reference,moments,port] [--data_root DIR]
+
+For every configuration (the paper's commands, shortened) each round runs the reference as shipped
+(TF 1.15, fused batch norm, in the venv ../shared/reference/run_reference.sh builds), the reference computing
+the port's math (`--moments`: batch norm from moments) and this port, one after the other, the order
+turned around every round. Each run's time per meta-iteration comes from the moments its progress
+lines appear (summaries and validation included, start-up excluded): from the first printed
+iteration to the last. Prints the medians over the rounds, the ratios port / reference, and the
+start-up times (process start to "Done initializing"; the port's first run decodes the images,
+later ones read its pixel cache). Nothing else heavy may run meanwhile. Without a Python 3.7 for
+the reference, it says so and prints the port's figures alone.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import CONFIGS, REPO, prepare_data  # noqa: E402
+
+REFERENCE = REPO.parent / 'shared' / 'reference'
+MEASURED = {   # configuration: (bench_train's flags, iterations to run, progress lines every N iterations)
+    'sinusoid': ('sinusoid', [], 5001, 1000),
+    'omniglot5': ('omniglot5', [], 401, 100),
+    'omniglot5_first_order': ('omniglot5', ['--stop_grad=True'], 401, 100),
+    'omniglot20': ('omniglot20', [], 301, 100),
+    'mini1': ('mini1', [], 301, 100),
+}
+SIDES = ('reference', 'moments', 'port')
+
+
+def flags_of(name):
+    base, extra, iterations, _ = MEASURED[name]
+    flags = [f for f in CONFIGS[base][0] if not f.startswith('--metatrain_iterations')]
+    return flags + extra + ['--metatrain_iterations=%d' % iterations], CONFIGS[base][1]
+
+
+def reference_venv():
+    return Path(os.environ.get('REFERENCE_VENV', Path.home() / '.cache' / 'maml-reference-tf115'))
+
+
+def reference_available():
+    """Builds the reference's venv once (run_reference.sh does); False without a Python 3.7."""
+    if not (reference_venv() / 'bin' / 'python').is_file():
+        subprocess.run([str(REFERENCE / 'run_reference.sh'), '--', '--datasource=sinusoid', '--metatrain_iterations=0',
+                        '--norm=None', '--train=False'], capture_output=True, text=True)
+    return (reference_venv() / 'bin' / 'python').is_file()
+
+
+def reference_copy(moments, data_root, kind):
+    """A fresh copy of the reference's code with its data/ linked, as run_reference.sh makes one
+    (which links Omniglot only), `--moments` patched in the same way."""
+    work = Path(tempfile.mkdtemp(prefix='reference_'))
+    shutil.copytree(REFERENCE / 'maml', work, dirs_exist_ok=True)
+    if moments:
+        shutil.copy(REFERENCE / 'tf_contrib_moments.py', work)
+        utils = work / 'utils.py'
+        utils.write_text(utils.read_text().replace(
+            'from tensorflow.contrib.layers.python import layers as tf_layers', 'import tf_contrib_moments as tf_layers'))
+        assert 'tf_contrib_moments' in utils.read_text()
+    (work / 'data').mkdir(exist_ok=True)
+    for folder in {'omniglot': ['omniglot_resized'], 'mini': ['miniImagenet']}.get(kind, []):
+        target = work / 'data' / folder
+        if target.exists() or target.is_symlink():
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        target.symlink_to(data_root / folder, target_is_directory=True)
+    return work
+
+
+def command(side, name, data_root, logdir):
+    """(command line, working folder) of one run."""
+    flags, kind = flags_of(name)
+    flags = flags + ['--logdir=' + str(logdir)]
+    if side == 'port':
+        return [sys.executable, '-u', str(REPO / 'main.py')] + flags + ['--data_root=' + str(data_root)], REPO
+    work = reference_copy(side == 'moments', data_root, kind)
+    return [str(reference_venv() / 'bin' / 'python'), '-u', 'main.py'] + flags, work
+
+
+def timed_run(cmd, cwd, logdir):
+    """Runs cmd; returns (seconds to 'Done initializing', ms per iteration between the first and the
+    last progress line)."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
+    start = time.perf_counter()
+    with open(logdir / 'stderr.txt', 'w') as err:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=str(cwd))
+        startup, marks = None, []
+        for line in process.stdout:
+            now = time.perf_counter() - start
+            if line.startswith('Done initializing') and startup is None:
+                startup = now
+            elif line.startswith('Iteration '):
+                marks.append((int(line.split()[1].rstrip(':')), now))
+        if process.wait() != 0:
+            raise SystemExit('failed ({}): {}\n{}'.format(process.returncode, ' '.join(cmd),
+                                                          (logdir / 'stderr.txt').read_text()[-2000:]))
+    (first_itr, first_t), (last_itr, last_t) = marks[0], marks[-1]
+    return startup, 1000.0 * (last_t - first_t) / (last_itr - first_itr)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('configs', nargs='*', default=list(MEASURED), choices=list(MEASURED))
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--sides', default=','.join(SIDES), help='which of ' + ', '.join(SIDES))
+    parser.add_argument('--data_root', type=Path, default=None)
+    args = parser.parse_args()
+    sides = [s for s in args.sides.split(',') if s]
+    if any(s != 'port' for s in sides) and not reference_available():
+        print('The reference cannot run here (run_reference.sh needs a Python 3.7 for TensorFlow 1.15): '
+              'the port\'s figures alone.')
+        sides = ['port']
+    tmp = Path(tempfile.mkdtemp(prefix='side_by_side_'))
+    data_root = args.data_root or tmp / 'data'
+    data_root.mkdir(parents=True, exist_ok=True)
+    results = {}   # (config, side) -> [(startup, ms)]
+    try:
+        for round_index in range(args.rounds):
+            order = sides if round_index % 2 == 0 else list(reversed(sides))
+            for name in args.configs:
+                kind = flags_of(name)[1]
+                if kind:
+                    prepare_data(kind, data_root)
+                for side in order:
+                    logdir = tmp / 'logs' / '{}_{}_{}'.format(name, side, round_index)
+                    if side == 'port' and round_index == 0:
+                        shutil.rmtree(data_root / '.cache', ignore_errors=True)   # a first run: decoding
+                    cmd, cwd = command(side, name, data_root, logdir)
+                    startup, ms = timed_run(cmd, cwd, logdir)
+                    if cwd != REPO:
+                        shutil.rmtree(cwd, ignore_errors=True)
+                    results.setdefault((name, side), []).append((startup, ms))
+                    print('round {} {:<22s} {:<9s} start-up {:6.1f} s  {:8.2f} ms/iteration'.format(
+                        round_index + 1, name, side, startup, ms), flush=True)
+                    shutil.rmtree(logdir, ignore_errors=True)
+        print_table(args.configs, sides, results)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_table(configs, sides, results):
+    print('\nMedians over rounds, ms per meta-iteration (summaries and validation included):')
+    head = '| config | ' + ' | '.join(sides) + ' |' + (' port / reference | port / moments |' if len(sides) > 1 else '')
+    head += ' start-up: ' + ', '.join(sides) + ' (port: first run / later runs) |'
+    print(head)
+    print('|' + '---|' * (head.count('|') - 1))
+    for name in configs:
+        ms = {s: statistics.median(m for _, m in results[(name, s)]) for s in sides}
+        cells = ['{:.1f}'.format(ms[s]) for s in sides]
+        if 'port' in sides and len(sides) > 1:
+            for other in ('reference', 'moments'):
+                cells.append('{:.2f}x'.format(ms['port'] / ms[other]) if other in ms else '—')
+        startups = []
+        for s in sides:
+            times = [t for t, _ in results[(name, s)]]
+            if s == 'port':
+                startups.append('{:.1f} / {:.1f} s'.format(times[0], statistics.median(times[1:] or times)))
+            else:
+                startups.append('{:.0f} s'.format(statistics.median(times)))
+        print('| {} | {} | {} |'.format(name, ' | '.join(cells), ', '.join(startups)))
+
+
+if __name__ == '__main__':
+    main()
