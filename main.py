@@ -24,6 +24,7 @@ Usage Instructions:
     For omniglot and miniimagenet training, acquire the dataset online, put it in the correspoding data
     directory, and see the python scripts data/prepare_omniglot.py and data/prepare_miniimagenet.py.
 """
+import contextlib
 import csv
 import os
 import pickle
@@ -59,6 +60,7 @@ from absl import app, flags  # noqa: E402
 from tensorflow.core.protobuf import config_pb2  # noqa: E402
 
 import data_generator as data  # noqa: E402
+import devices  # noqa: E402
 from maml import MAML, ModelConfig  # noqa: E402
 from utils import (NORMS, Progress, UserError, checkpoint_iteration, checkpoint_state_names,  # noqa: E402
                    experiment_name, list_checkpoints, lock_experiment, move_checkpoint_aside, named_checkpoint,
@@ -100,6 +102,12 @@ flags.DEFINE_integer('train_update_batch_size', -1, 'number of examples used for
 flags.DEFINE_float('train_update_lr', -1, 'value of inner gradient step step during training. (use if you want to test with a different value)')  # 0.1 for omniglot
 
 ## Added by this port
+flags.DEFINE_string('devices', '', 'split each meta-batch over these devices: /gpu:0,/gpu:1 (or /cpu:0,/cpu:1), or a count of GPUs')
+flags.DEFINE_string('cluster', '', 'HOST:PORT,HOST:PORT of the worker processes to split each meta-batch over')
+flags.DEFINE_string('job_name', '', 'worker: serve this machine\'s devices to a chief (with --cluster, --task_index)')
+flags.DEFINE_integer('task_index', 0, 'which worker of --cluster this process is')
+flags.DEFINE_string('chief_address', '', 'HOST:PORT the workers reach the chief at (default: a free port on the '
+                    'interface that reaches the first worker)')
 flags.DEFINE_string('data_root', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data'),
                     'folder holding omniglot_resized/ and miniImagenet/')
 
@@ -137,6 +145,8 @@ def check_flags(f):
     if f.datasource == 'miniimagenet' and f.conv and not f.max_pool:
         raise UserError('--datasource=miniimagenet needs --max_pool=True: its head expects the 5x5 map '
                         'that four 2x2 max pools leave of 84x84 images')
+    if f.devices and f.cluster:
+        raise UserError('--devices and --cluster both split the meta-batch; use one of them')
     if f.train and f.pretrain_iterations + f.metatrain_iterations == 0:
         raise UserError('nothing to train: --pretrain_iterations and --metatrain_iterations are both 0')
 
@@ -275,7 +285,7 @@ class StopRequest:
         print('Stopping after this iteration and saving a checkpoint (press again to abort)...', flush=True)
 
 
-def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled):
+def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled, placement, checkpoint):
     print_interval = 1000 if f.datasource == 'sinusoid' else 100
     test_print_interval = print_interval * 5
     total = f.pretrain_iterations + f.metatrain_iterations
@@ -285,6 +295,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
     prelosses, postlosses = [], []
     progress = Progress(resume_itr, total)
     stop = StopRequest()
+    itr = resume_itr
     try:
         for itr in range(resume_itr, total):
             pretraining = itr < f.pretrain_iterations
@@ -306,7 +317,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
                 prelosses, postlosses = [], []
 
             if (itr != 0 and itr % SAVE_INTERVAL == 0) or itr == total - 1 or stop.requested:
-                save_checkpoint(saver, sess, exp_dir, itr)
+                checkpoint = save_checkpoint(saver, sess, exp_dir, itr)
 
             if val_enabled and itr != 0 and itr % test_print_interval == 0:
                 val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[f.num_updates - 1]])
@@ -315,6 +326,11 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
             if stop.requested:
                 print('Stopped after iteration {}; rerun the same command to resume.'.format(itr))
                 break
+    except devices.CLUSTER_ERRORS as error:
+        lost = placement.workers and devices.lost_worker_error(error, placement, itr, checkpoint)
+        if lost:
+            raise lost from error
+        raise
     finally:
         if writer:
             writer.close()
@@ -390,7 +406,7 @@ def test(model, sess, f, exp_dir, next_feed, feed_list):
     return means, stds, ci95
 
 
-def build_image_model(f, config, test_num_updates, resume_itr, total):
+def build_image_model(f, config, test_num_updates, resume_itr, total, placement):
     """The model over tf.data task streams; returns it and the (op, feed) pairs that load the images."""
     initializers = []
     if f.train:
@@ -398,19 +414,56 @@ def build_image_model(f, config, test_num_updates, resume_itr, total):
         rounds = f.update_batch_size + query
         train_tasks = image_tasks(f, 'train', config.meta_batch_size, rounds, TRAIN_SEED)
         eval_tasks = image_tasks(f, 'val', config.meta_batch_size, rounds, VAL_SEED)
-        model = MAML(config, train_tasks.dim_input, f.num_classes, test_num_updates)
+        model = MAML(config, train_tasks.dim_input, f.num_classes, test_num_updates,
+                     towers=placement.towers, param_device=placement.param_device)
         tensors, init = train_tasks.make_input_tensors(resume_itr, total - resume_itr, 'train')
         model.construct_model(tensors, prefix='metatrain_')
         initializers.append(init)
         num_eval_batches = 10 ** 9
     else:
         eval_tasks = image_tasks(f, 'test' if f.test_set else 'val', 1, 2 * f.update_batch_size, TEST_SEED)
-        model = MAML(config, eval_tasks.dim_input, f.num_classes, test_num_updates)
+        model = MAML(config, eval_tasks.dim_input, f.num_classes, test_num_updates,
+                     towers=placement.towers, param_device=placement.param_device)
         num_eval_batches = NUM_TEST_POINTS
     tensors, init = eval_tasks.make_input_tensors(0, num_eval_batches, 'eval')
     model.construct_model(tensors, prefix='metaval_')
     initializers.append(init)
     return model, initializers
+
+
+def build_model(f, config, test_num_updates, resume_itr, total, placement):
+    """(model, next_feed, feed_list, initializers) of the data source."""
+    if f.datasource == 'sinusoid':
+        generator = data.SinusoidTasks(f.update_batch_size * 2, config.meta_batch_size)
+        model = MAML(config, 3 if f.baseline == 'oracle' else 1, 1, test_num_updates,
+                     towers=placement.towers, param_device=placement.param_device)
+        model.construct_model(prefix='metatrain_')
+        if f.train:
+            next_feed = lambda itr: sinusoid_feed(f, generator, data.batch_rng(TRAIN_SEED, itr))
+        else:
+            next_feed = lambda _: sinusoid_feed(f, generator, np.random)
+        return model, next_feed, [getattr(model, name) for name in FEED_ORDER], []
+    model, initializers = build_image_model(f, config, test_num_updates, resume_itr, total, placement)
+    return model, (lambda _: ()), [], initializers
+
+
+def make_placement(f):
+    """Where the meta-batch runs (see devices.py); UserError for devices or workers that are not there."""
+    if f.cluster:
+        placement = devices.cluster_placement(f.cluster, f.chief_address or None)
+    elif f.devices:
+        placement = devices.local_placement(f.devices)
+    else:
+        return devices.single_device()
+    if f.train and f.meta_batch_size % len(placement.towers):
+        raise UserError('--meta_batch_size={} does not split evenly over {} devices ({}); use a multiple of {}'.format(
+            f.meta_batch_size, len(placement.towers), ', '.join(placement.towers), len(placement.towers)))
+    return placement
+
+
+def model_placement(placement):
+    """The graph's default device: the data pipeline, weights and optimizer on param_device."""
+    return tf.device(placement.param_device) if placement.param_device else contextlib.nullcontext()
 
 
 ## Putting it together
@@ -440,42 +493,31 @@ def run(f):
     tf1.disable_eager_execution()
     tf1.reset_default_graph()
     tf1.set_random_seed(TRAIN_SEED)
+    placement = make_placement(f)
     meta_batch_size = f.meta_batch_size if f.train else 1   # always a meta batch of 1 when testing
     test_num_updates = test_num_updates_for(f.datasource, f.train)
     config = ModelConfig(datasource=f.datasource, num_classes=f.num_classes, meta_batch_size=meta_batch_size,
                          meta_lr=f.meta_lr, update_batch_size=f.update_batch_size, update_lr=f.update_lr,
                          num_updates=f.num_updates, norm=f.norm, num_filters=f.num_filters, conv=f.conv,
                          max_pool=f.max_pool, stop_grad=f.stop_grad)
-    initializers = []
-    if f.datasource == 'sinusoid':
-        generator = data.SinusoidTasks(f.update_batch_size * 2, meta_batch_size)
-        model = MAML(config, 3 if f.baseline == 'oracle' else 1, 1, test_num_updates)
-        model.construct_model(prefix='metatrain_')
-        if f.train:
-            next_feed = lambda itr: sinusoid_feed(f, generator, data.batch_rng(TRAIN_SEED, itr))
-        else:
-            next_feed = lambda _: sinusoid_feed(f, generator, np.random)
-        feed_list = [getattr(model, name) for name in FEED_ORDER]
-        val_enabled = False
-    else:
-        model, initializers = build_image_model(f, config, test_num_updates, resume_itr, total)
-        next_feed, feed_list = lambda _: (), []
-        val_enabled = True
-
-    saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=None)   # save_checkpoint keeps the newest 10
-    print('Data and graph ready in {:.1f} s'.format(time.time() - started), flush=True)
-    sess = tf1.Session()
-    sess.run(tf1.global_variables_initializer())
-    for op, feed in initializers:
-        sess.run(op, feed)
-    del initializers   # the images now live in the session only
-    if checkpoint:
-        print('Restoring model weights from ' + checkpoint)
-        full = restore(sess, checkpoint, full_state=f.train)
-        if f.train and not full:
-            print('(weights only: the optimizer state starts fresh)')
+    with model_placement(placement):   # a cluster's savers must run where the weights are: the chief
+        model, next_feed, feed_list, initializers = build_model(f, config, test_num_updates, resume_itr, total,
+                                                                placement)
+        saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=None)   # save_checkpoint keeps the newest 10
+        print('Data and graph ready in {:.1f} s'.format(time.time() - started), flush=True)
+        sess = placement.session()
+        sess.run(tf1.global_variables_initializer())
+        for op, feed in initializers:
+            sess.run(op, feed)
+        del initializers   # the images now live in the session only
+        if checkpoint:
+            print('Restoring model weights from ' + checkpoint)
+            full = restore(sess, checkpoint, full_state=f.train)
+            if f.train and not full:
+                print('(weights only: the optimizer state starts fresh)')
+    val_enabled = f.datasource != 'sinusoid'
     if f.train:
-        train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled)
+        train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled, placement, checkpoint)
     else:
         test(model, sess, f, exp_dir, next_feed, feed_list)
 
@@ -483,9 +525,21 @@ def run(f):
 def main(argv):
     del argv
     try:
+        if FLAGS.job_name:
+            if FLAGS.job_name != 'worker' or not FLAGS.cluster:
+                raise UserError('--job_name={!r}: the only job is worker, with --cluster and --task_index'.format(
+                    FLAGS.job_name))
+            devices.serve_worker(FLAGS.cluster, FLAGS.task_index)
+            return
         run(FLAGS)
     except UserError as error:
         print('error: ' + str(error), file=sys.stderr)
+        if devices.chief_server_running():
+            # The chief's gRPC server can wait forever at exit for a lost worker's calls; everything
+            # worth keeping is on disk already (checkpoints are renamed into place, the lock is an flock).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
 
 

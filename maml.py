@@ -4,6 +4,7 @@
 each task's support set) and the outer loop (Adam on the query loss after those steps, through
 them). It takes plain values (`ModelConfig`), never command-line flags.
 """
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -42,7 +43,11 @@ class ModelConfig:
 
 
 class MAML:
-    def __init__(self, config, dim_input=1, dim_output=1, test_num_updates=5):
+    """`towers`: devices that each take an equal part of every meta-batch (its inner loops and their
+    share of the meta-gradient); None: TensorFlow's default placement. `param_device` holds the
+    weights, the optimizer and everything computed over the whole meta-batch."""
+
+    def __init__(self, config, dim_input=1, dim_output=1, test_num_updates=5, towers=None, param_device=None):
         if config.datasource not in ('sinusoid', 'omniglot', 'miniimagenet'):
             raise ValueError('Unrecognized data source: {}'.format(config.datasource))
         self.config = config
@@ -60,8 +65,10 @@ class MAML:
             self.dim_hidden = FC_HIDDEN_SINUSOID if config.datasource == 'sinusoid' else FC_HIDDEN_IMAGES
         self.weights = None
         self.norm_params = None
-        self.grouped_conv = grouped_conv_supported()
-        self.fused_bn_grad = fused_bn_grad_supported()
+        self.towers = list(towers) if towers else [None]
+        self.param_device = param_device
+        self.grouped_conv = grouped_conv_supported(self.towers[0])
+        self.fused_bn_grad = fused_bn_grad_supported(self.towers[0])
 
     # ---------------------------------------------------------------- weights
     def construct_weights(self):
@@ -233,11 +240,37 @@ class MAML:
 
         with tf1.variable_scope('model', reuse=tf1.AUTO_REUSE):
             if self.weights is None:
-                self.weights, self.norm_params = self.construct_weights()
+                with on_device(self.param_device):
+                    self.weights, self.norm_params = self.construct_weights()
             num_steps = max(self.test_num_updates, cfg.num_updates)
-            outputa, lossa, outputbs, lossesb = self.fast_adapt(
+            outputa, lossa, outputbs, lossesb = self.fast_adapt_on_towers(
                 self.inputa, self.labela, self.inputb, self.labelb, num_steps)
 
+        with on_device(self.param_device):
+            self._build_totals(prefix, outputa, lossa, outputbs, lossesb, num_steps)
+
+    def fast_adapt_on_towers(self, inputa, labela, inputb, labelb, num_steps):
+        """fast_adapt with the tasks split in equal parts over self.towers (one part per device, its
+        results joined back in task order); a meta-batch that does not divide runs on the first."""
+        num_tasks = inputa.shape[0]
+        towers = self.towers if num_tasks % len(self.towers) == 0 else self.towers[:1]
+        if len(towers) == 1:
+            with on_device(towers[0]):
+                return self.fast_adapt(inputa, labela, inputb, labelb, num_steps)
+        parts = zip(*(tf.split(x, len(towers), axis=0) for x in (inputa, labela, inputb, labelb)))
+        results = []
+        for device, part in zip(towers, parts):
+            with on_device(device):
+                self.grouped_conv, self.fused_bn_grad = grouped_conv_supported(device), fused_bn_grad_supported(device)
+                results.append(self.fast_adapt(*part, num_steps))
+        with on_device(self.param_device):
+            outputa, lossa, outputbs, lossesb = zip(*results)
+            join = lambda tensors: tf.concat(tensors, axis=0)
+            return (join(outputa), join(lossa), [join(step) for step in zip(*outputbs)],
+                    [join(step) for step in zip(*lossesb)])
+
+    def _build_totals(self, prefix, outputa, lossa, outputbs, lossesb, num_steps):
+        cfg = self.config
         meta_batch = float(cfg.meta_batch_size)
         total_loss1 = tf.reduce_sum(lossa) / meta_batch
         total_losses2 = [tf.reduce_sum(loss) / meta_batch for loss in lossesb]
@@ -271,9 +304,14 @@ class MAML:
 
     def _build_train_ops(self):
         """Pre-training (Adam on the pre-update loss) and the meta-update (Adam through the inner loop)."""
-        self.pretrain_op = tf1.train.AdamOptimizer(self.meta_lr).minimize(self.total_loss1)
+        # With towers, each op's gradient runs on that op's device: every tower differentiates its own
+        # tasks, and only the weights' gradients (summed over towers) meet on param_device.
+        colocate = len(self.towers) > 1
+        self.pretrain_op = tf1.train.AdamOptimizer(self.meta_lr).minimize(
+            self.total_loss1, colocate_gradients_with_ops=colocate)
         optimizer = tf1.train.AdamOptimizer(self.meta_lr)
-        self.gvs = optimizer.compute_gradients(self.total_losses2[self.config.num_updates - 1])
+        self.gvs = optimizer.compute_gradients(self.total_losses2[self.config.num_updates - 1],
+                                               colocate_gradients_with_ops=colocate)
         gvs = self.gvs
         if self.config.datasource == 'miniimagenet':
             gvs = [(tf.clip_by_value(g, -MINIIMAGENET_GRAD_CLIP, MINIIMAGENET_GRAD_CLIP), v)
@@ -286,6 +324,11 @@ class MAML:
                 'inputb': tf1.placeholder(tf.float32, shape + [self.dim_input], name='inputb'),
                 'labela': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labela'),
                 'labelb': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labelb')}
+
+
+def on_device(device):
+    """tf.device(device), or no change of placement for None."""
+    return tf.device(device) if device else contextlib.nullcontext()
 
 
 def _unnamed(index):

@@ -142,16 +142,25 @@ def _onednn_enabled():
         return False
 
 
-def grouped_conv_supported():
-    """Grouped convolution runs on GPUs and, on CPUs, only with oneDNN (TF's x86 default)."""
+def _is_gpu(device):
+    return device is not None and tf1.DeviceSpec.from_string(device).device_type in ('GPU', 'gpu')
+
+
+def grouped_conv_supported(device=None):
+    """Grouped convolution runs on GPUs and, on CPUs, only with oneDNN (TF's x86 default on newer
+    CPUs). `device`: where the convolutions are placed; None: TF's default placement here."""
+    if device is not None:
+        return _is_gpu(device) or _onednn_enabled()
     return bool(tf.config.list_physical_devices('GPU')) or _onednn_enabled()
 
 
-def fused_bn_grad_supported():
+def fused_bn_grad_supported(device=None):
     """Where batch_norm_relu_per_channel is used: CPUs with oneDNN, where it matches the golden
     cases. The GPUs' fused gradient kernel expects cuDNN's saved inverse variance instead, and
     TF's own CPU kernel rounds differently enough to move the ill-conditioned inner steps past
     num_updates out of their golden tolerances."""
+    if device is not None:
+        return not _is_gpu(device) and _onednn_enabled()
     return not tf.config.list_physical_devices('GPU') and _onednn_enabled()
 
 

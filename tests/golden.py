@@ -8,15 +8,18 @@ A case directory holds `case.json` (flags, test_num_updates, sizes, variables), 
 `../shared/golden/README.md`. Prints every quantity's largest difference as a fraction of its
 tolerance and exits non-zero if any quantity misses (or is missing).
 """
+import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import tensorflow as tf  # noqa: E402
 
+import devices  # noqa: E402
 from maml import MAML, ModelConfig  # noqa: E402
 
 tf1 = tf.compat.v1
@@ -37,13 +40,17 @@ def model_config(flags):
     return ModelConfig(**{k: v for k, v in flags.items() if k in fields and v is not None})
 
 
-def compute_case(case_dir):
-    """Runs the port on one case; returns {quantity name: value} in outputs.npz's naming."""
+def compute_case(case_dir, placement=None):
+    """Runs the port on one case; returns {quantity name: value} in outputs.npz's naming.
+
+    `placement` (devices.Placement): towers on local devices or cluster workers; default one device."""
     case, inputs, weights_init, _, _ = load_case(case_dir)
+    placement = placement or devices.single_device()
     graph = tf.Graph()
-    with graph.as_default():
+    with graph.as_default(), (tf.device(placement.param_device) if placement.param_device else nullcontext()):
         model = MAML(model_config(case['flags']), case['dim_input'], case['dim_output'],
-                     test_num_updates=case['test_num_updates'])
+                     test_num_updates=case['test_num_updates'], towers=placement.towers,
+                     param_device=placement.param_device)
         placeholders = {k: tf1.placeholder(tf.float32, [v.shape[0], None, v.shape[2]], name=k)
                         for k, v in inputs.items()}
         model.construct_model(placeholders, prefix='metatrain_')
@@ -52,7 +59,7 @@ def compute_case(case_dir):
         check_variables(variables, case['variables'])
         pregrads = tf.gradients(model.total_loss1, list(variables.values()))
         feed = {placeholders[k]: v for k, v in inputs.items()}
-        with tf1.Session() as sess:
+        with placement.session() as sess:
             sess.run(tf1.global_variables_initializer())
             restore_reference_checkpoint(sess, variables, os.path.join(case_dir, 'ckpt'), weights_init)
             results = evaluate_outputs(sess, model, variables, pregrads, feed)
@@ -136,8 +143,11 @@ def compare(case_dir, results):
     return sorted(ratios, key=lambda r: -r[1])
 
 
-def check_case(case_dir, verbose=True):
-    ratios = compare(case_dir, compute_case(case_dir))
+def check_case(case_dir, verbose=True, placement=None, save=None):
+    results = compute_case(case_dir, placement)
+    if save:
+        np.savez(save, **results)
+    ratios = compare(case_dir, results)
     misses = [(n, r) for n, r in ratios if not r <= 1.0]
     if verbose:
         print('== {}: {} quantities, worst {:.3f} of tolerance, {} miss'.format(
@@ -148,11 +158,19 @@ def check_case(case_dir, verbose=True):
 
 
 def main(argv):
-    if not argv:
+    parser = argparse.ArgumentParser(prog='python -m tests.golden', description=__doc__.strip().splitlines()[0])
+    parser.add_argument('cases', nargs='*')
+    parser.add_argument('--devices', default='', help='towers on these local devices, as main.py --devices')
+    parser.add_argument('--cluster', default='', help='towers on these workers, as main.py --cluster')
+    parser.add_argument('--save', default='', help='with one case: write the computed quantities to this .npz')
+    args = parser.parse_args(argv)
+    if not args.cases:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    failed = [d for d in argv if check_case(d)]
-    print('golden: {} of {} cases match'.format(len(argv) - len(failed), len(argv)))
+    placement = (devices.cluster_placement(args.cluster) if args.cluster else
+                 devices.local_placement(args.devices) if args.devices else None)
+    failed = [d for d in args.cases if check_case(d, placement=placement, save=args.save or None)]
+    print('golden: {} of {} cases match'.format(len(args.cases) - len(failed), len(args.cases)))
     return 1 if failed else 0
 
 
