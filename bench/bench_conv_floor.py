@@ -47,16 +47,20 @@ def median_ms(sess, fetch, runs):
     return 1000 * float(np.median(times))
 
 
-def build_training_graph(config, test_num_updates=10):
-    """The Omniglot model of `config` (ModelConfig fields) on fixed random inputs: (graph, MAML)."""
+def build_training_graph(config, test_num_updates=10, towers=None, param_device=None):
+    """The Omniglot model of `config` (ModelConfig fields) on fixed random inputs: (graph, MAML).
+    `towers`, `param_device`: as MAML takes them (devices.py)."""
     graph = tf.Graph()
-    with graph.as_default():
+    with graph.as_default(), tf.device(param_device):
         cfg = ModelConfig(datasource='omniglot', **config)
         n = cfg.num_classes * cfg.update_batch_size
         rng = np.random.RandomState(0)
-        images = lambda: tf.constant(rng.rand(cfg.meta_batch_size, n, 784).astype(np.float32))
-        labels = tf.constant(np.eye(cfg.num_classes, dtype=np.float32)[rng.randint(0, cfg.num_classes, (cfg.meta_batch_size, n))])
-        model = MAML(cfg, 784, cfg.num_classes, test_num_updates=test_num_updates)
+        # Variables, not constants: read every step as data from a pipeline is (constants may be folded).
+        fixed = lambda value: tf1.Variable(value, trainable=False)
+        images = lambda: fixed(rng.rand(cfg.meta_batch_size, n, 784).astype(np.float32))
+        labels = fixed(np.eye(cfg.num_classes, dtype=np.float32)[rng.randint(0, cfg.num_classes, (cfg.meta_batch_size, n))])
+        model = MAML(cfg, 784, cfg.num_classes, test_num_updates=test_num_updates, towers=towers,
+                     param_device=param_device)
         model.construct_model({'inputa': images(), 'inputb': images(), 'labela': labels, 'labelb': labels})
     return graph, model
 
