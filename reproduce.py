@@ -94,9 +94,9 @@ def sine_rows():
             Row('sine_k%d_pretrained' % k, 'sinusoid', 'pre-trained, K=%d, alpha 0.001' % k,
                 SINE_PRETRAIN + [kflag], (1, 5, 10), paper.get('pretrained', ()),
                 'usage block baseline; fine-tuned at test time with the flag default alpha'),
-            Row('sine_k%d_oracle' % k, 'sinusoid', 'oracle, K=%d, alpha 0.001' % k,
+            Row('sine_k%d_oracle' % k, 'sinusoid', 'oracle, K=%d, alpha 0.001 (its number: before adapting)' % k,
                 SINE_PRETRAIN + [kflag, '--baseline=oracle'], (1, 5, 10), (),
-                'usage block baseline: amplitude and phase as inputs'),
+                'usage block baseline: amplitude and phase as inputs, so it needs no adaptation'),
         ]
     return rows
 
@@ -285,8 +285,9 @@ def read_csv(path):
     return {name: (m, s, c) for name, m, s, c in zip(header, means, stds, ci95)}
 
 
-def run_row(row, iterations, logdir, data_root, results):
-    """Trains (or resumes) and evaluates one row, then records it in `results`."""
+def run_row(row, iterations, logdir, data_root, results, train=True):
+    """Trains (or resumes) and evaluates one row, then records it in `results`. Without `train`,
+    evaluates the run as far as it got."""
     folder = Path(logdir) / row.name
     if row.data:
         subfolder, hint = PREPARE[row.data]
@@ -300,7 +301,10 @@ def run_row(row, iterations, logdir, data_root, results):
     state = RunState.load(state_path)
     flags = row.command(iterations) + ['--logdir=' + str(folder), '--data_root=' + str(data_root)]
     print('== {}: python main.py {}'.format(row.name, ' '.join(flags)), flush=True)
-    train_row(row, flags, folder, state, state_path)
+    if train:
+        train_row(row, flags, folder, state, state_path)
+    elif newest_checkpoint(folder) is None:
+        raise RunnerError('{}: nothing trained yet in {}; run it without --no_train first'.format(row.name, folder))
     csv_path, checkpoint = evaluate_row(row, flags, folder, state, state_path)
     columns = read_csv(csv_path)
     trained = int(re.search(r'model(\d+)$', checkpoint).group(1)) + 1
@@ -342,21 +346,28 @@ def fmt_value(table, mean, ci):
 
 
 def verdict(row, result):
-    """Whether our interval meets the paper's, said plainly (only for a full-length run)."""
+    """How our number stands against the paper's, said plainly (only for a full-length run)."""
     if result['iterations'] < result['paper_iterations']:
         return 'short run: not comparable yet'
-    if not row.paper or any(p is None or p[1] is None for p in row.paper):
-        return 'paper gives no interval' if row.paper else 'no paper number'
+    if not row.paper:
+        return 'no paper number'
     words = []
-    for step, (p_mean, p_ci) in zip(row.steps, row.paper):
-        mean, ci = result['steps'][str(step)]
-        if mean + ci < p_mean - p_ci:
-            words.append('BELOW the paper\'s interval')
+    for step, paper in zip(row.steps, row.paper):
+        if paper is None:
+            continue
+        (mean, ci), (p_mean, p_ci) = result['steps'][str(step)], paper
+        where = '{} step{}: '.format(step, '' if step == 1 else 's')
+        if p_ci is None:    # a value read from the paper's curve: is it inside our interval?
+            inside = mean - ci <= p_mean <= mean + ci
+            words.append(where + ('the paper\'s value is inside our interval' if inside else
+                                  'MISSES: the paper\'s value is outside our interval'))
+        elif mean + ci < p_mean - p_ci:
+            words.append(where + 'BELOW the paper\'s interval')
         elif mean - ci > p_mean + p_ci:
-            words.append('above the paper\'s interval')
+            words.append(where + 'above the paper\'s interval')
         else:
-            words.append('within the paper\'s interval')
-    return '; '.join(words)
+            words.append(where + 'within the paper\'s interval')
+    return '<br>'.join(words)
 
 
 def format_duration(seconds):
@@ -447,6 +458,8 @@ def main(argv=None):
     parser.add_argument('--list', action='store_true', help='list the rows and their commands')
     parser.add_argument('--iterations', type=int, default=None,
                         help='train this many iterations instead of the paper\'s (labelled as a short run)')
+    parser.add_argument('--no_train', action='store_true',
+                        help='evaluate each row as far as it has trained (its row says how far), without training')
     parser.add_argument('--logdir', default=str(REPO / 'logs' / 'reproduce'))
     parser.add_argument('--data_root', default=str(REPO / 'data'))
     parser.add_argument('--results', default=str(REPO / 'RESULTS.md'))
@@ -467,7 +480,7 @@ def main(argv=None):
     for name in dict.fromkeys(names):
         results = load_results(results_path)
         try:
-            run_row(ROWS[name], args.iterations, args.logdir, args.data_root, results)
+            run_row(ROWS[name], args.iterations, args.logdir, args.data_root, results, train=not args.no_train)
         except RunnerError as error:
             print('error: ' + str(error), file=sys.stderr, flush=True)
             failed = True

@@ -83,6 +83,15 @@ def test_a_second_run_resumes_instead_of_starting_over(first_run):
     state = json.loads((base / 'logs' / ROW / 'runner.json').read_text())
     assert state['evaluated']['checkpoint'].endswith('model89')
 
+    # --no_train evaluates what is there (a run stopped part way) and writes its row as far as it got.
+    for f in exp.glob('model89.*'):
+        f.unlink()
+    as_far = run_reproduce(*[a for a in args if not a.startswith('--iterations')], '--no_train')
+    assert as_far.returncode == 0, as_far.stderr[-2000:]
+    assert 'Training already' not in as_far.stdout and 'Restoring model weights from {}'.format(
+        exp / 'model59') in as_far.stdout
+    assert reproduce.load_results(base / 'RESULTS.md')[ROW]['iterations'] == 60
+
 
 def test_a_row_without_its_data_names_the_preparation_command(tmp_path):
     results = tmp_path / 'RESULTS.md'
