@@ -203,6 +203,7 @@ def run_main(flags, log_path, on_line=None):
             for line in process.stdout:
                 sys.stdout.write(line)
                 log.write(line)
+                log.flush()
                 lines.append(line.rstrip('\n'))
                 if on_line:
                     on_line(lines[-1])
@@ -219,22 +220,28 @@ def main_error(lines):
 
 
 def train_row(row, flags, folder, state, state_path):
+    """Trains (or resumes) the row. The state (wall time, validation curve) is saved at every
+    progress line too, so a runner killed outright loses at most one print interval of it."""
     last_iteration = [None]
+    seconds_before, start = state.train_seconds, time.time()
 
     def track(line):
         match = re.match(r'^(?:Pretrain )?Iteration (\d+):', line)
         if match:
             last_iteration[0] = int(match.group(1))
-        match = re.match(r'^Validation results: (\S+), (\S+)$', line)
-        if match and last_iteration[0] is not None:
-            state.curve[str(last_iteration[0])] = [float(match.group(1)), float(match.group(2))]
+            if commit not in state.commits:   # this commit trained some of the row
+                state.commits.append(commit)
+        validation = re.match(r'^Validation results: (\S+), (\S+)$', line)
+        if validation and last_iteration[0] is not None:
+            state.curve[str(last_iteration[0])] = [float(validation.group(1)), float(validation.group(2))]
+        if match or validation:
+            state.train_seconds = seconds_before + time.time() - start
+            state.save(state_path)
 
     commit = git_commit()
     code, lines, seconds, stopped = run_main(flags, folder / 'train.log', track)
-    if not any(line.startswith('Training already finished') for line in lines):
-        state.train_seconds += seconds
-        if commit not in state.commits:
-            state.commits.append(commit)
+    finished_before = any(line.startswith('Training already finished') for line in lines)
+    state.train_seconds = seconds_before + (0 if finished_before else seconds)
     state.save(state_path)
     if stopped:
         raise KeyboardInterrupt

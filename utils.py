@@ -57,10 +57,11 @@ def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu):
 def batch_norm_relu_per_channel(x, beta):
     """relu(batch norm of x [N, H, W, C] over N, H, W, + beta [C]): the per-task layers' norm.
 
-    The values are those of `normalize` (tf.nn.moments, tf.nn.batch_normalization, relu): not
-    the fused forward kernel, whose one-pass variance is inaccurate on Omniglot's low-contrast
-    first layer. The gradient uses the fused gradient kernel, and its own gradient (the inner
-    loop is differentiated) is written out by hand; both equal TF's autodiff of `normalize`,
+    The values are those of `normalize` (tf.nn.moments, tf.nn.batch_normalization, relu). The
+    fused forward kernel (FusedBatchNormV3) also passes the golden cases on the real 0/1 Omniglot
+    pixels, but measured no faster per meta-update with oneDNN on, so it is not used. The
+    gradient uses the fused gradient kernel, and its own gradient (the inner loop is
+    differentiated) is written out by hand; both equal TF's autodiff of `normalize`,
     which builds several times as many full-size elementwise passes (fused_bn_grad_supported
     says where it is used).
     """
@@ -70,14 +71,8 @@ def batch_norm_relu_per_channel(x, beta):
 
     @tf.custom_gradient
     def forward(x, beta):
-        if os.environ.get('MAML_FUSED_FORWARD') == '1':
-            z, _, _, mean, variance, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=ones, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
-                epsilon=BATCH_NORM_EPSILON, is_training=True)
-            y = tf.nn.relu(z)
-        else:
-            mean, variance = tf.nn.moments(x, [0, 1, 2])
-            y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, beta, None, BATCH_NORM_EPSILON))
+        mean, variance = tf.nn.moments(x, [0, 1, 2])
+        y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, beta, None, BATCH_NORM_EPSILON))
 
         def fused_gradient(dz):
             """(dx, sum(dz * xhat), sum(dz)) of z = xhat + beta."""

@@ -313,7 +313,8 @@ def test_missing_zip_cli_error(tmp_path):
 
 
 def test_missing_folder_cli_error(tmp_path):
-    result = run_script('--from', str(tmp_path / 'nope'))
+    result = run_script('--from', str(tmp_path / 'nope'),
+                        '--to', str(tmp_path / 'o'))
     assert_clean_cli_error(result, 'does not exist')
 
 

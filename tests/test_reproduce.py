@@ -1,8 +1,11 @@
 """reproduce.py: a row written from a real run's CSV, resumed on a second run, and missing data."""
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +94,41 @@ def test_a_second_run_resumes_instead_of_starting_over(first_run):
     assert 'Training already' not in as_far.stdout and 'Restoring model weights from {}'.format(
         exp / 'model59') in as_far.stdout
     assert reproduce.load_results(base / 'RESULTS.md')[ROW]['iterations'] == 60
+
+
+def test_a_runner_killed_outright_keeps_its_wall_time(tmp_path):
+    """kill -9 of the runner and its main.py (a closed session does that): the wall time and
+    commits recorded at the progress lines so far survive, and the next run resumes from main.py's
+    checkpoint and adds to them."""
+    args = (ROW, '--iterations=200000', '--logdir=' + str(tmp_path / 'logs'),
+            '--results=' + str(tmp_path / 'RESULTS.md'))
+    runner = subprocess.Popen([sys.executable, str(REPO / 'reproduce.py'), *args], cwd=str(REPO),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    exp = tmp_path / 'logs' / ROW
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and runner.poll() is None:
+            if len(list(exp.rglob('model*.index'))) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        main_pids = subprocess.run(['pgrep', '-f', '--', '--logdir=' + str(exp)],
+                                   capture_output=True, text=True).stdout.split()
+        for pid in main_pids + [str(runner.pid)]:    # main.py runs in its own process group
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        runner.wait()
+    assert runner.returncode == -signal.SIGKILL
+    state = json.loads((exp / 'runner.json').read_text())
+    assert state['train_seconds'] > 0 and state['commits']
+    assert (exp / 'train.log').read_text().count('Iteration ') >= 2      # the log is flushed too
+    again = run_reproduce(ROW, '--iterations=6000', *args[2:])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert 'Restoring model weights from' in again.stdout
+    entry = reproduce.load_results(tmp_path / 'RESULTS.md')[ROW]
+    assert entry['train_seconds'] > round(state['train_seconds'])
 
 
 def test_a_row_without_its_data_names_the_preparation_command(tmp_path):
