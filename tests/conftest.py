@@ -1,5 +1,6 @@
 """Shared fixtures: where the shared golden files and data live, and Omniglot prepared once."""
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,3 +29,10 @@ def omniglot_root(tmp_path_factory, omniglot_zips):
     _, was_ready = prepare_omniglot.prepare(dest, source_dir=omniglot_zips)
     assert not was_ready
     return dest
+
+
+def sigint_as_in_a_terminal():
+    """preexec_fn for a child that a test interrupts with SIGINT (Ctrl-C): a shell that starts the
+    test run in the background (nohup, `&` without job control) leaves SIGINT ignored, and the child
+    would inherit that; in a terminal it is at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -21,6 +21,7 @@ SCRIPT = REPO / "data" / "prepare_miniimagenet.py"
 sys.path.insert(0, str(TESTS))
 
 import standin  # noqa: E402
+from tests.conftest import sigint_as_in_a_terminal  # noqa: E402
 
 
 def load_script_module():
@@ -203,7 +204,8 @@ def test_interrupted_build_leaves_nothing(small_source, tmp_path, monkeypatch):
 def start_and_wait_for_partial(source, out):
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--from", str(source), "--to", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 30
     while not list(out.parent.glob(out.name + ".partial-*/*")):
         assert process.poll() is None, "finished before it could be interrupted"

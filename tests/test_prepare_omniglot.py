@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'data'))
 import prepare_omniglot as po  # noqa: E402
 import resize_images  # noqa: E402
+from tests.conftest import sigint_as_in_a_terminal  # noqa: E402
 
 SHARED = Path(os.environ.get('MAML_SHARED',
                              Path(__file__).resolve().parents[2] / 'shared'))
@@ -221,7 +222,7 @@ def start_script_and_wait_for_images(dest, *args):
     process = subprocess.Popen(
         [sys.executable, str(REPO / 'data' / 'prepare_omniglot.py'),
          '--from', str(OMNIGLOT_ZIPS), '--to', str(dest), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 60
     while not list(dest.parent.glob('*.partial-*/*/*/*.png')):
         assert process.poll() is None and time.monotonic() < deadline
