@@ -287,9 +287,32 @@ class StopRequest:
         print('Stopping after this iteration and saving a checkpoint (press again to abort)...', flush=True)
 
 
+def print_intervals(datasource):
+    """(progress line, validation line) intervals in iterations."""
+    print_interval = 1000 if datasource == 'sinusoid' else 100
+    return print_interval, print_interval * 5
+
+
+def reports(itr, print_interval):
+    """Whether iteration itr computes the summaries and printed losses (and, with summaries on,
+    draws one validation batch for the validation summaries)."""
+    return itr % SUMMARY_INTERVAL == 0 or itr % print_interval == 0
+
+
+def validates(itr, test_print_interval):
+    return itr != 0 and itr % test_print_interval == 0
+
+
+def validation_batches_before(itr, datasource, summaries):
+    """How many validation batches training draws before iteration itr: a resumed run starts its
+    validation stream there, so it prints the numbers of the same tasks as an uninterrupted run."""
+    print_interval, test_print_interval = print_intervals(datasource)
+    return sum((summaries and reports(i, print_interval)) + validates(i, test_print_interval)
+               for i in range(itr))
+
+
 def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled, placement, checkpoint):
-    print_interval = 1000 if f.datasource == 'sinusoid' else 100
-    test_print_interval = print_interval * 5
+    print_interval, test_print_interval = print_intervals(f.datasource)
     total = f.pretrain_iterations + f.metatrain_iterations
     writer = tf1.summary.FileWriter(exp_dir, sess.graph) if f.log else None
     steps = TrainingSteps(model, sess, feed_list)
@@ -301,7 +324,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
     try:
         for itr in range(resume_itr, total):
             pretraining = itr < f.pretrain_iterations
-            if itr % SUMMARY_INTERVAL == 0 or itr % print_interval == 0:
+            if reports(itr, print_interval):
                 summary, pre, post = steps.reporting(pretraining)(*next_feed(itr))
                 prelosses.append(pre)
                 postlosses.append(post)
@@ -321,7 +344,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
             if (itr != 0 and itr % SAVE_INTERVAL == 0) or itr == total - 1 or stop.requested:
                 checkpoint = save_checkpoint(saver, sess, exp_dir, itr)
 
-            if val_enabled and itr != 0 and itr % test_print_interval == 0:
+            if val_enabled and validates(itr, test_print_interval):
                 val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[f.num_updates - 1]])
                 print('Validation results: ' + str(val[0]) + ', ' + str(val[1]), flush=True)
 
@@ -427,7 +450,8 @@ def build_image_model(f, config, test_num_updates, resume_itr, total, placement)
         model = MAML(config, eval_tasks.dim_input, f.num_classes, test_num_updates,
                      towers=placement.towers, param_device=placement.param_device)
         num_eval_batches = NUM_TEST_POINTS
-    tensors, init = eval_tasks.make_input_tensors(0, num_eval_batches, 'eval')
+    first_eval_batch = validation_batches_before(resume_itr, f.datasource, f.log) if f.train else 0
+    tensors, init = eval_tasks.make_input_tensors(first_eval_batch, num_eval_batches, 'eval')
     model.construct_model(tensors, prefix='metaval_')
     initializers.append(init)
     return model, initializers

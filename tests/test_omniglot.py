@@ -325,6 +325,24 @@ def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_
     assert len({tuple(row) for row in values}) > 20   # 600 different tasks, not one repeated
 
 
+def test_a_resumed_run_validates_on_the_tasks_of_an_uninterrupted_one(omniglot_root, tmp_path):
+    """The validation stream continues where the interrupted run left it (not from its start), so
+    a resumed run prints the validation numbers of the same tasks, with the same weights."""
+    tiny = ['--datasource=omniglot', '--meta_batch_size=4', '--update_batch_size=1', '--num_updates=1',
+            '--num_filters=4', '--data_root=' + str(Path(omniglot_root).parent)]
+
+    def validation_lines(logdir, iterations):
+        result = run_main(*tiny, '--metatrain_iterations=%d' % iterations, '--logdir=' + str(logdir))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return re.findall(r'^(Iteration \d+: .*|Validation results: .*)$', result.stdout, re.M)
+
+    whole = validation_lines(tmp_path / 'whole', 1001)
+    first = validation_lines(tmp_path / 'resumed', 701)      # stops with model700
+    rest = validation_lines(tmp_path / 'resumed', 1001)       # resumes at iteration 701
+    assert sum(line.startswith('Validation') for line in whole) == 2
+    assert first + rest == whole
+
+
 # ------------------------------------------------------------------------------------------ 4. errors
 @pytest.fixture(scope='module')
 def error_runs(omniglot_root, folders, tmp_path_factory):
