@@ -77,11 +77,21 @@ def convolutions_run_by(sess, fetch):
             kernel = node.timeline_label.split(' = ')[-1].split('(')[0]
             if 'Conv2D' not in kernel:
                 continue
-            op = graph.get_operation_by_name(node.node_name)
+            op = traced_operation(graph, node.node_name)
             if op.type not in CONV_OPS:   # conv + bias fused by grappler, named after the add
                 op = next(t.op for t in op.inputs if t.op.type in CONV_OPS)
             convs.append(describe(op))
     return convs
+
+
+def traced_operation(graph, name):
+    """The operation a traced node ran: one of `graph`'s, or one of a while loop's body (its nodes
+    run as '<loop>/body/_<n>/<name in the body>', the body being a function of the graph)."""
+    if '/body/_' not in name:
+        return graph.get_operation_by_name(name)
+    loop_name, rest = name.split('/body/_', 1)
+    body = graph._get_function(graph.get_operation_by_name(loop_name).get_attr('body').name).graph   # noqa: SLF001
+    return traced_operation(body, rest.split('/', 1)[1])
 
 
 def describe(node):

@@ -1,7 +1,7 @@
 """The port against the reference's own code, side by side on this machine.
 
     python bench/bench_side_by_side.py [sinusoid omniglot5 omniglot5_first_order omniglot20 mini1]
-        [--rounds 3] [--sides reference,moments,port] [--data_root DIR]
+        [--rounds 3] [--sides reference,moments,port] [--iterations N] [--data_root DIR]
 
 For every configuration (the paper's commands, shortened) each round runs the reference as shipped
 (TF 1.15, fused batch norm, in the venv ../shared/reference/run_reference.sh builds), the reference computing
@@ -37,8 +37,9 @@ MEASURED = {   # configuration: (bench_train's flags, iterations to run, progres
 SIDES = ('reference', 'moments', 'port')
 
 
-def flags_of(name):
-    base, extra, iterations, _ = MEASURED[name]
+def flags_of(name, iterations=None):
+    base, extra, default_iterations, _ = MEASURED[name]
+    iterations = iterations or default_iterations
     flags = [f for f in CONFIGS[base][0] if not f.startswith('--metatrain_iterations')]
     return flags + extra + ['--metatrain_iterations=%d' % iterations], CONFIGS[base][1]
 
@@ -75,9 +76,9 @@ def reference_copy(moments, data_root, kind):
     return work
 
 
-def command(side, name, data_root, logdir):
+def command(side, name, data_root, logdir, iterations=None):
     """(command line, working folder) of one run."""
-    flags, kind = flags_of(name)
+    flags, kind = flags_of(name, iterations)
     flags = flags + ['--logdir=' + str(logdir)]
     if side == 'port':
         return [sys.executable, '-u', str(REPO / 'main.py')] + flags + ['--data_root=' + str(data_root)], REPO
@@ -112,8 +113,16 @@ def main():
     parser.add_argument('configs', nargs='*', default=list(MEASURED), choices=list(MEASURED))
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--sides', default=','.join(SIDES), help='which of ' + ', '.join(SIDES))
+    parser.add_argument('--iterations', type=int, default=None,
+                        help='iterations per run instead of each configuration\'s own (two progress lines at least)')
     parser.add_argument('--data_root', type=Path, default=None)
     args = parser.parse_args()
+    for name in args.configs:
+        interval = MEASURED[name][3]
+        if args.iterations is not None and args.iterations <= 2 * interval:
+            parser.error('--iterations={} is too few for {}: the time per iteration is read between two progress '
+                         'lines, every {} iterations; give at least {}'.format(args.iterations, name, interval,
+                                                                                 2 * interval + 1))
     sides = [s for s in args.sides.split(',') if s]
     if any(s != 'port' for s in sides) and not reference_available():
         print('The reference cannot run here (run_reference.sh needs a Python 3.7 for TensorFlow 1.15): '
@@ -134,7 +143,7 @@ def main():
                     logdir = tmp / 'logs' / '{}_{}_{}'.format(name, side, round_index)
                     if side == 'port' and round_index == 0:
                         shutil.rmtree(data_root / '.cache', ignore_errors=True)   # a first run: decoding
-                    cmd, cwd = command(side, name, data_root, logdir)
+                    cmd, cwd = command(side, name, data_root, logdir, args.iterations)
                     startup, ms = timed_run(cmd, cwd, logdir)
                     if cwd != REPO:
                         shutil.rmtree(cwd, ignore_errors=True)
