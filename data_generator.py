@@ -232,7 +232,11 @@ class ImageTasks:
     def index_dataset(self, first_batch, num_batches):
         """tf.data of (image index [B, rounds*N], label [B, rounds*N]) for batches first.. ."""
         batches = tf.data.Dataset.range(first_batch, first_batch + num_batches)
-        return batches.map(self._sample_batch, num_parallel_calls=1).prefetch(2)
+        # No autotuning: there is nothing to tune, and its model thread made closing the session
+        # (every run's exit) wait seconds to minutes for the thread's next wake-up.
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return batches.map(self._sample_batch, num_parallel_calls=1).prefetch(2).with_options(options)
 
     def _sample_batch(self, batch_number):
         seeds = [tf.stack([tf.constant(self.seed + k, tf.int64), batch_number]) for k in range(4)]

@@ -175,6 +175,13 @@ def test_sampler_is_a_function_of_seed_and_batch_number(train_set):
     assert len({tuple(t) for t in index.reshape(-1, 10)}) == 24
 
 
+def test_sampler_does_not_autotune(train_set):
+    # tf.data's autotuning thread sleeps up to a minute between wake-ups, and closing the session
+    # waits for it: a long training run took minutes to exit after its last checkpoint.
+    with tf.Graph().as_default():
+        assert omniglot_tasks(train_set, 5, 1, 4, seed=5).index_dataset(0, 3).options().autotune.enabled is False
+
+
 def decoded_as_the_reference(paths):
     """What the reference feeds for each file: tf.image.decode_png, /255, then 1 - x."""
     with tf.Graph().as_default():
