@@ -2,7 +2,7 @@
 
 Every network function here works on a whole meta-batch at once: the leading axis of an
 activation or of a fast weight is the task. That replaces the reference's `tf.map_fn` over
-tasks, so TensorFlow prunes inner steps that nothing fetched and runs no while loop.
+tasks, so TensorFlow prunes inner steps that nothing fetched and loops over tasks no more.
 """
 import fcntl
 import os
