@@ -49,3 +49,39 @@ def test_convolutions_of_one_step_meta_update():
     second_order = convolutions(1, test_num_updates=10)
     assert sum(first_order.values()) == 22 * per_layer_op
     assert sum(second_order.values()) == 42 * per_layer_op
+
+
+def test_steps_nothing_differentiates_are_one_loop_with_the_unrolled_numbers():
+    """Inner steps past the differentiated ones run in one tf.while_loop: the graph holds one copy of
+    a step, not one per step, and every step's query output and loss equal those of the unrolled
+    steps (same weights, same inputs)."""
+    import numpy as np
+    from maml import MAML, ModelConfig
+    config = ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=TASKS, update_batch_size=1,
+                         update_lr=0.4, num_updates=1, num_filters=8)
+    steps = 6
+    with tf.Graph().as_default() as graph:
+        tf1.set_random_seed(0)
+        model = MAML(config, 784, 5, test_num_updates=steps)
+        model.construct_model(prefix='metaval_')     # builds the weights; evaluation: all steps in the loop
+        inputs = (model.inputa, model.labela, model.inputb, model.labelb)
+        ops_before = len(graph.get_operations())
+        looped = model.fast_adapt(*inputs, steps, unrolled_steps=1)
+        ops_looped = len(graph.get_operations()) - ops_before
+        unrolled = model.fast_adapt(*inputs, steps)
+        ops_unrolled = len(graph.get_operations()) - ops_before - ops_looped
+        assert ops_looped < 0.5 * ops_unrolled
+        rng = np.random.RandomState(0)
+        labels = np.tile(np.eye(5, dtype=np.float32), (TASKS, 1, 1))
+        feed = {model.inputa: rng.rand(TASKS, 5, 784), model.inputb: rng.rand(TASKS, 5, 784),
+                model.labela: labels, model.labelb: labels}
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            got_looped, got_unrolled, got_metaval = sess.run(
+                [looped[2:], unrolled[2:], [model.metaval_outputbs, model.metaval_total_losses2]], feed)
+    for name, got in (('loop after one unrolled step', got_looped), ('evaluation graph', got_metaval)):
+        for j in range(steps):
+            np.testing.assert_allclose(got[0][j], got_unrolled[0][j], rtol=1e-5, atol=1e-6, err_msg=name)
+        if name != 'evaluation graph':
+            np.testing.assert_allclose(np.array(got[1]), np.array(got_unrolled[1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_metaval[1], np.array(got_unrolled[1]).reshape(steps, -1).sum(axis=1) / TASKS, rtol=1e-5)
