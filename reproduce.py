@@ -10,6 +10,8 @@ For each row: trains with exactly the paper's command from main.py's usage block
 and 10), and rewrites that row of RESULTS.md beside the paper's number with the iterations trained,
 the wall time, the machine, the date and the commit. `--iterations N` trains a shorter budget,
 which the row says; running again with a larger one (or none) continues the same run.
+`--reference_eval` also evaluates the same checkpoint with the reference's own code (TF 1.15, in
+the venv ../shared/reference/run_reference.sh builds) and records both numbers side by side.
 RESULTS.md is rendered entirely from the data block at its end, which only this runner writes.
 """
 import argparse
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,6 +275,74 @@ def evaluate_row(row, flags, folder, state, state_path):
     return Path(written[-1]), restored[-1]
 
 
+## Cross-check: the same checkpoint evaluated by the reference's own code
+# The reference's main.py, unchanged, run with os.listdir sorted: its Omniglot split then equals the
+# port's (the reference's own split follows the file system's listing order, its known defect 3).
+SORTED_LISTDIR_MAIN = """import os, runpy, sys
+_listdir = os.listdir
+os.listdir = lambda path='.': sorted(_listdir(path))
+sys.argv = ['main.py'] + sys.argv[1:]
+runpy.run_path('main.py', run_name='__main__')
+"""
+
+
+def reference_tools():
+    sys.path.insert(0, str(REPO / 'bench'))
+    import bench_side_by_side
+    return bench_side_by_side
+
+
+def reference_evaluate(row, data_root, checkpoint, log_path):
+    """Evaluates `checkpoint` (600 test tasks) with the reference's code as shipped, batch norm from
+    moments (the paper's math; the fused kernel's forward pass agrees), in a temporary copy that
+    links the data and the checkpoint. Returns (CSV columns, seconds)."""
+    tools = reference_tools()
+    python = tools.reference_venv() / 'bin' / 'python'
+    if not python.is_file():
+        raise RunnerError('--reference_eval needs the reference\'s venv; build it once with '
+                          '../shared/reference/run_reference.sh (it needs a Python 3.7)')
+    checkpoint = REPO / checkpoint       # main.py prints it as given: absolute, or relative to the repository
+    work = tools.reference_copy(True, Path(data_root), {'omniglot': 'omniglot', 'miniimagenet': 'mini'}.get(row.data))
+    try:
+        experiment = work / 'logs' / checkpoint.parent.name     # the reference names it as the port does
+        experiment.mkdir(parents=True)
+        for part in checkpoint.parent.glob(checkpoint.name + '.*'):
+            (experiment / part.name).symlink_to(part)
+        (experiment / 'checkpoint').write_text('model_checkpoint_path: "{}"\n'.format(checkpoint.name))
+        (work / 'sorted_listdir_main.py').write_text(SORTED_LISTDIR_MAIN)
+        command = [str(python), '-u', 'sorted_listdir_main.py'] + row.flags + [
+            '--train=False', '--test_set=True', '--logdir=' + str(work / 'logs'),
+            '--test_iter=' + checkpoint.name[len('model'):]]
+        start = time.time()
+        with open(log_path, 'a') as log:
+            log.write('\n$ {}\n'.format(' '.join(command)))
+            log.flush()
+            code = subprocess.run(command, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')).returncode
+        output = Path(log_path).read_text().rsplit('\n$ ', 1)[-1]
+        if code != 0:
+            raise RunnerError('the reference\'s evaluation failed (exit {}); see {}'.format(code, log_path))
+        if 'Restoring model weights from' not in output:   # it would evaluate its random initialisation
+            raise RunnerError('the reference did not load {}; see {}'.format(checkpoint, log_path))
+        written = sorted(experiment.glob('test_ubs*.csv'))
+        if len(written) != 1:
+            raise RunnerError('the reference wrote no evaluation CSV; see {}'.format(log_path))
+        return read_csv(written[0]), time.time() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cross_check(row, data_root, checkpoint, ours, folder):
+    """The record of one cross-check: the port's and the reference's numbers for one checkpoint."""
+    print('== {}: the reference evaluates {}'.format(row.name, display_path(checkpoint)), flush=True)
+    theirs, seconds = reference_evaluate(row, data_root, checkpoint, folder / 'reference_eval.log')
+    numbers = lambda columns: {'steps': {str(s): columns['update%d' % s][::2] for s in row.steps},
+                               'pre_update': columns['update0'][::2]}
+    return {'iterations': int(re.search(r'model(\d+)$', str(checkpoint)).group(1)) + 1,
+            'port': numbers(ours), 'reference': numbers(theirs), 'seconds': round(seconds),
+            'date': datetime.date.today().isoformat()}
+
+
 def newest_checkpoint(folder):
     """model{N} with the largest N anywhere under the row's folder (its one experiment folder)."""
     found = [p.with_suffix('') for p in folder.rglob('model*.index') if re.match(r'^model\d+$', p.stem)]
@@ -292,9 +363,10 @@ def read_csv(path):
     return {name: (m, s, c) for name, m, s, c in zip(header, means, stds, ci95)}
 
 
-def run_row(row, iterations, logdir, data_root, results, train=True):
+def run_row(row, iterations, logdir, data_root, results, train=True, reference_eval=False):
     """Trains (or resumes) and evaluates one row, then records it in `results`. Without `train`,
-    evaluates the run as far as it got."""
+    evaluates the run as far as it got; with `reference_eval`, the reference evaluates the same
+    checkpoint too (an earlier cross-check is kept: it names its checkpoint)."""
     folder = Path(logdir) / row.name
     if row.data:
         subfolder, hint = PREPARE[row.data]
@@ -315,6 +387,7 @@ def run_row(row, iterations, logdir, data_root, results, train=True):
     csv_path, checkpoint = evaluate_row(row, flags, folder, state, state_path)
     columns = read_csv(csv_path)
     trained = int(re.search(r'model(\d+)$', checkpoint).group(1)) + 1
+    checked = results.get(row.name, {}).get('reference_eval')
     results[row.name] = {
         'status': 'done',
         'steps': {str(s): columns['update%d' % s][::2] for s in row.steps},   # (mean, ci95)
@@ -330,6 +403,10 @@ def run_row(row, iterations, logdir, data_root, results, train=True):
         'csv': display_path(csv_path),
         'curve': {int(k): v for k, v in state.curve.items() if int(k) < trained},
     }
+    if reference_eval:   # after the row is recorded: a failed cross-check does not lose it
+        checked = cross_check(row, data_root, checkpoint, columns, folder)
+    if checked:
+        results[row.name]['reference_eval'] = checked
 
 
 ## RESULTS.md
@@ -427,6 +504,30 @@ def render_curves(results):
     return lines
 
 
+def render_cross_checks(results):
+    checked = [(row, results[row.name]['reference_eval']) for row in ROWS.values()
+               if results.get(row.name, {}).get('reference_eval')]
+    if not checked:
+        return []
+    lines = ['## Cross-check: the same checkpoints evaluated by the reference\'s own code', '',
+             'Written by `python reproduce.py ROW --reference_eval`: the checkpoint the row was evaluated '
+             'from, evaluated again by the reference\'s code (TF 1.15, batch norm from moments, its listing '
+             'of the Omniglot folders sorted so that its split is the port\'s). Sinusoid test tasks are the '
+             'same on both sides (numpy seeded with 1); the reference draws its own image tasks (Python\'s '
+             'random at graph construction, rotations unseeded), so image rows agree only within sampling '
+             'noise.', '',
+             '| row | checkpoint (iterations) | this port | the reference | before adapting: port, reference | date |',
+             '|---|---|---|---|---|---|']
+    for row, check in checked:
+        side = lambda which: '<br>'.join('{} step{}: {}'.format(s, '' if s == 1 else 's', fmt_value(
+            row.table, *check[which]['steps'][str(s)])) for s in row.steps)
+        lines.append('| `{}` | {} | {} | {} | {}, {} | {} |'.format(
+            row.name, check['iterations'], side('port'), side('reference'),
+            fmt_value(row.table, *check['port']['pre_update']), fmt_value(row.table, *check['reference']['pre_update']),
+            check['date']))
+    return lines + ['']
+
+
 def render(results):
     lines = ['# Results: the MAML paper\'s tables, reproduced with this port', '',
              'Every number here was written by `python reproduce.py ROW` from the evaluation CSV of a '
@@ -439,6 +540,7 @@ def render(results):
               'omniglot': 'Omniglot (Table 1)', 'miniimagenet': 'MiniImagenet (Table 1)'}
     for table in ('sinusoid', 'omniglot', 'miniimagenet'):
         lines += ['## ' + titles[table], ''] + render_table(table, results) + ['']
+    lines += render_cross_checks(results)
     curves = render_curves(results)
     if curves:
         lines += ['## Validation curves'] + curves + ['']
@@ -467,6 +569,9 @@ def main(argv=None):
                         help='train this many iterations instead of the paper\'s (labelled as a short run)')
     parser.add_argument('--no_train', action='store_true',
                         help='evaluate each row as far as it has trained (its row says how far), without training')
+    parser.add_argument('--reference_eval', action='store_true',
+                        help='also evaluate the same checkpoint with the reference\'s own code (TF 1.15 venv) '
+                             'and record both')
     parser.add_argument('--logdir', default=str(REPO / 'logs' / 'reproduce'))
     parser.add_argument('--data_root', default=str(REPO / 'data'))
     parser.add_argument('--results', default=str(REPO / 'RESULTS.md'))
@@ -487,7 +592,8 @@ def main(argv=None):
     for name in dict.fromkeys(names):
         results = load_results(results_path)
         try:
-            run_row(ROWS[name], args.iterations, args.logdir, args.data_root, results, train=not args.no_train)
+            run_row(ROWS[name], args.iterations, args.logdir, args.data_root, results, train=not args.no_train,
+                    reference_eval=args.reference_eval)
         except RunnerError as error:
             print('error: ' + str(error), file=sys.stderr, flush=True)
             failed = True

@@ -131,6 +131,34 @@ def test_a_runner_killed_outright_keeps_its_wall_time(tmp_path):
     assert entry['train_seconds'] > round(state['train_seconds'])
 
 
+def test_the_reference_evaluates_the_same_checkpoint_to_the_same_numbers(first_run):
+    """--reference_eval: the reference's own code (TF 1.15) evaluates the row's checkpoint. Sinusoid
+    test tasks are the same on both sides (numpy seeded with 1), so its numbers must be ours."""
+    base, _, _ = first_run
+    results = base / 'RESULTS_cross_check.md'
+    result = run_reproduce(ROW, '--no_train', '--reference_eval', '--logdir=' + str(base / 'logs'),
+                           '--results=' + str(results))
+    if not (reproduce.reference_tools().reference_venv() / 'bin' / 'python').is_file():
+        # Without the reference's venv: one clear line naming how to build it; the row is still written.
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+        assert 'run_reference.sh' in result.stderr.splitlines()[-1]
+        assert reproduce.load_results(results)[ROW]['iterations'] == 60
+        return
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    entry = reproduce.load_results(results)[ROW]
+    check = entry['reference_eval']
+    assert check['iterations'] == entry['iterations'] == 60
+    assert check['port']['steps'] == entry['steps']
+    for step in ('1', '5', '10'):
+        assert check['reference']['steps'][step] == pytest.approx(check['port']['steps'][step], rel=1e-4)
+    assert check['reference']['pre_update'] == pytest.approx(entry['pre_update'], rel=1e-4)
+    # Adapting a 60-iteration model changes the loss: equal numbers are not equal constants.
+    assert abs(check['reference']['steps']['10'][0] - check['reference']['pre_update'][0]) > 1e-3
+    log = (base / 'logs' / ROW / 'reference_eval.log').read_text()
+    assert 'Restoring model weights from' in log and 'model59' in log
+    assert '| `{}` | 60 |'.format(ROW) in results.read_text()
+
+
 def test_a_row_without_its_data_names_the_preparation_command(tmp_path):
     results = tmp_path / 'RESULTS.md'
     result = run_reproduce('omniglot_5w1s', 'mini_5w1s', '--data_root=' + str(tmp_path / 'nothing'),
