@@ -318,7 +318,7 @@ def reference_evaluate(row, data_root, checkpoint, log_path):
             log.write('\n$ {}\n'.format(' '.join(command)))
             log.flush()
             code = subprocess.run(command, cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')).returncode
+                                  env=tools.reference_env(TF_CPP_MIN_LOG_LEVEL='3')).returncode
         output = Path(log_path).read_text().rsplit('\n$ ', 1)[-1]
         if code != 0:
             raise RunnerError('the reference\'s evaluation failed (exit {}); see {}'.format(code, log_path))

@@ -56,6 +56,14 @@ def reference_available():
     return (reference_venv() / 'bin' / 'python').is_file()
 
 
+def reference_env(**extra):
+    """The environment for a reference run: without TF2_BEHAVIOR, which importing TF 2 sets in its
+    own process (and so in its children's), and which would turn TF 1.15 eager."""
+    env = dict(os.environ, **extra)
+    env.pop('TF2_BEHAVIOR', None)
+    return env
+
+
 def reference_copy(moments, data_root, kind):
     """A fresh copy of the reference's code with its data/ linked, as run_reference.sh makes one
     (which links Omniglot only), `--moments` patched in the same way."""
@@ -90,7 +98,7 @@ def timed_run(cmd, cwd, logdir):
     """Runs cmd; returns (seconds to 'Done initializing', ms per iteration between the first and the
     last progress line)."""
     logdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
+    env = reference_env(PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
     start = time.perf_counter()
     with open(logdir / 'stderr.txt', 'w') as err:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=str(cwd))
