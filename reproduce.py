@@ -294,7 +294,7 @@ def reference_tools():
 
 def reference_evaluate(row, data_root, checkpoint, log_path):
     """Evaluates `checkpoint` (600 test tasks) with the reference's code as shipped, batch norm from
-    moments (the paper's math; the fused kernel's forward pass agrees), in a temporary copy that
+    moments (the paper's math, as the port computes it), in a temporary copy that
     links the data and the checkpoint. Returns (CSV columns, seconds)."""
     tools = reference_tools()
     python = tools.reference_venv() / 'bin' / 'python'
