@@ -287,7 +287,8 @@ runpy.run_path('main.py', run_name='__main__')
 
 
 def reference_tools():
-    sys.path.insert(0, str(REPO / 'bench'))
+    if str(REPO / 'bench') not in sys.path:
+        sys.path.insert(0, str(REPO / 'bench'))
     import bench_side_by_side
     return bench_side_by_side
 
@@ -336,11 +337,15 @@ def cross_check(row, data_root, checkpoint, ours, folder):
     """The record of one cross-check: the port's and the reference's numbers for one checkpoint."""
     print('== {}: the reference evaluates {}'.format(row.name, display_path(checkpoint)), flush=True)
     theirs, seconds = reference_evaluate(row, data_root, checkpoint, folder / 'reference_eval.log')
-    numbers = lambda columns: {'steps': {str(s): columns['update%d' % s][::2] for s in row.steps},
-                               'pre_update': columns['update0'][::2]}
     return {'iterations': int(re.search(r'model(\d+)$', str(checkpoint)).group(1)) + 1,
-            'port': numbers(ours), 'reference': numbers(theirs), 'seconds': round(seconds),
+            'port': reported_numbers(row, ours), 'reference': reported_numbers(row, theirs), 'seconds': round(seconds),
             'date': datetime.date.today().isoformat()}
+
+
+def reported_numbers(row, columns):
+    """From a CSV's columns: (mean, ci95) after each step the paper reports, and before adapting."""
+    return {'steps': {str(s): columns['update%d' % s][::2] for s in row.steps},
+            'pre_update': columns['update0'][::2]}
 
 
 def newest_checkpoint(folder):
@@ -390,8 +395,7 @@ def run_row(row, iterations, logdir, data_root, results, train=True, reference_e
     checked = results.get(row.name, {}).get('reference_eval')
     results[row.name] = {
         'status': 'done',
-        'steps': {str(s): columns['update%d' % s][::2] for s in row.steps},   # (mean, ci95)
-        'pre_update': columns['update0'][::2],
+        **reported_numbers(row, columns),
         'iterations': trained,
         'paper_iterations': row.paper_iterations,
         'train_seconds': round(state.train_seconds),

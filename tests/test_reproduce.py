@@ -16,9 +16,9 @@ from tests.conftest import REPO
 ROW = 'sine_k5_maml'
 
 
-def run_reproduce(*args, timeout=600):
+def run_reproduce(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, str(REPO / 'reproduce.py'), *args], cwd=str(REPO),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def table_line(results_md, row):
@@ -136,8 +136,9 @@ def test_the_reference_evaluates_the_same_checkpoint_to_the_same_numbers(first_r
     test tasks are the same on both sides (numpy seeded with 1), so its numbers must be ours."""
     base, _, _ = first_run
     results = base / 'RESULTS_cross_check.md'
+    # TF2_BEHAVIOR=1, as in any process that imported TF 2, must not reach TF 1.15 (it runs eagerly).
     result = run_reproduce(ROW, '--no_train', '--reference_eval', '--logdir=' + str(base / 'logs'),
-                           '--results=' + str(results))
+                           '--results=' + str(results), env=dict(os.environ, TF2_BEHAVIOR='1'))
     if not (reproduce.reference_tools().reference_venv() / 'bin' / 'python').is_file():
         # Without the reference's venv: one clear line naming how to build it; the row is still written.
         assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
@@ -155,7 +156,13 @@ def test_the_reference_evaluates_the_same_checkpoint_to_the_same_numbers(first_r
     # Adapting a 60-iteration model changes the loss: equal numbers are not equal constants.
     assert abs(check['reference']['steps']['10'][0] - check['reference']['pre_update'][0]) > 1e-3
     log = (base / 'logs' / ROW / 'reference_eval.log').read_text()
-    assert 'Restoring model weights from' in log and 'model59' in log
+    assert 'sorted_listdir_main.py' in log and 'Restoring model weights from' in log and 'model59' in log
+    # The recorded numbers are the ones the reference itself printed (its means, then stds, then CIs).
+    printed = log.split('Mean validation accuracy/loss, stddev, and confidence intervals', 1)[1]
+    means = [float(v) for v in printed.split('array([', 1)[1].split(']', 1)[0].replace(',', ' ').split()]
+    assert len(means) == 11
+    assert check['reference']['pre_update'][0] == pytest.approx(means[0], rel=1e-6)
+    assert check['reference']['steps']['10'][0] == pytest.approx(means[10], rel=1e-6)
     assert '| `{}` | 60 |'.format(ROW) in results.read_text()
 
 
