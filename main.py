@@ -110,6 +110,12 @@ flags.DEFINE_string('job_name', '', 'worker: serve this machine\'s devices to a 
 flags.DEFINE_integer('task_index', 0, 'which worker of --cluster this process is')
 flags.DEFINE_string('chief_address', '', 'HOST:PORT the workers reach the chief at (default: a free port on the '
                     'interface that reaches the first worker)')
+flags.DEFINE_bool('moments_stop_gradient', False, 'batch/layer norm moments as tf.nn.moments builds them since TF 1.3 '
+                  '(the mean inside the variance a constant to differentiation): a second derivative through them '
+                  'lacks a term, as the reference computes on TF >= 1.3 and the golden cases pin. Default: as TF 1.1/1.2, '
+                  'the reference\'s first versions (exact derivatives of every order)')
+flags.DEFINE_integer('keep_checkpoint_every', 0, 'also keep every checkpoint whose iteration is a multiple of this '
+                     '(0: only the newest 10, as the reference); e.g. to evaluate the run at earlier points')
 flags.DEFINE_string('data_root', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data'),
                     'folder holding omniglot_resized/ and miniImagenet/')
 
@@ -140,6 +146,9 @@ def check_flags(f):
     for name in ('pretrain_iterations', 'metatrain_iterations'):
         if getattr(f, name) < 0:
             raise UserError('--{}={} must be zero or more'.format(name, getattr(f, name)))
+    if f.keep_checkpoint_every < 0:
+        raise UserError('--keep_checkpoint_every={} must be zero (keep only the newest 10) or a positive '
+                        'interval'.format(f.keep_checkpoint_every))
     if f.train_update_batch_size != -1 and f.train_update_batch_size <= 0:
         raise UserError('--train_update_batch_size must be positive (or -1: same as --update_batch_size)')
     if f.train_update_lr != -1 and not f.train_update_lr > 0:
@@ -271,6 +280,26 @@ def restore(sess, path, full_state):
     return False
 
 
+MOMENTS_RECORD = 'moments_stop_gradient.txt'
+
+
+def record_moments_choice(f, exp_dir, checkpoint):
+    """Keeps one run's meta-gradient math the same across resumes: the run's folder records
+    --moments_stop_gradient, and resuming with the other value is an error."""
+    path = os.path.join(exp_dir, MOMENTS_RECORD)
+    chosen = str(bool(f.moments_stop_gradient))
+    recorded = open(path).read().strip() if os.path.isfile(path) else None
+    if checkpoint and recorded is not None and recorded != chosen:
+        raise UserError('{} was trained with --moments_stop_gradient={}; pass that again to resume it, or '
+                        '--resume=False to start over'.format(exp_dir, recorded))
+    if checkpoint and recorded is None:
+        print('Resuming a run from before --moments_stop_gradient was recorded: it continues with '
+              '--moments_stop_gradient={} (this port always stopped that gradient before).'.format(chosen))
+    if recorded != chosen:
+        with open(path, 'w') as out:
+            out.write(chosen + '\n')
+
+
 ## Training
 class StopRequest:
     """Turns Ctrl-C / SIGTERM into a request to stop after the current iteration (and save)."""
@@ -342,7 +371,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
                 prelosses, postlosses = [], []
 
             if (itr != 0 and itr % SAVE_INTERVAL == 0) or itr == total - 1 or stop.requested:
-                checkpoint = save_checkpoint(saver, sess, exp_dir, itr)
+                checkpoint = save_checkpoint(saver, sess, exp_dir, itr, keep_every=f.keep_checkpoint_every)
 
             if val_enabled and validates(itr, test_print_interval):
                 val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[f.num_updates - 1]])
@@ -504,6 +533,7 @@ def run(f):
         ensure_writable(exp_dir)
         lock_experiment(exp_dir)
         checkpoint = training_checkpoint(f, exp_dir)
+        record_moments_choice(f, exp_dir, checkpoint)
     else:
         checkpoint = evaluation_checkpoint(f, exp_dir)
         ensure_writable(exp_dir)
@@ -525,7 +555,7 @@ def run(f):
     config = ModelConfig(datasource=f.datasource, num_classes=f.num_classes, meta_batch_size=meta_batch_size,
                          meta_lr=f.meta_lr, update_batch_size=f.update_batch_size, update_lr=f.update_lr,
                          num_updates=f.num_updates, norm=f.norm, num_filters=f.num_filters, conv=f.conv,
-                         max_pool=f.max_pool, stop_grad=f.stop_grad)
+                         max_pool=f.max_pool, stop_grad=f.stop_grad, moments_stop_gradient=f.moments_stop_gradient)
     with model_placement(placement):   # a cluster's savers must run where the weights are: the chief
         model, next_feed, feed_list, initializers = build_model(f, config, test_num_updates, resume_itr, total,
                                                                 placement)

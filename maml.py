@@ -36,6 +36,7 @@ class ModelConfig:
     conv: bool = True
     max_pool: bool = False
     stop_grad: bool = False
+    moments_stop_gradient: bool = False   # batch/layer norm's moments as TF >= 1.3 (utils.moments)
 
     @property
     def classification(self):
@@ -131,7 +132,7 @@ class MAML:
         for i in range(len(self.dim_hidden)):
             hidden = _dense(hidden, weights['w%d' % (i + 1)], weights['b%d' % (i + 1)])
             hidden = normalize(hidden, self.config.norm, self.norm_params[i], batch_axes=[1],
-                               feature_axes=[2])
+                               feature_axes=[2], stop_gradient_in_variance=self.config.moments_stop_gradient)
         last = len(self.dim_hidden) + 1
         return _dense(hidden, weights['w%d' % last], weights['b%d' % last])
 
@@ -158,8 +159,8 @@ class MAML:
         for i in range(4):
             x = tf.nn.conv2d(x, weights['conv%d' % (i + 1)], strides, 'SAME') + weights['b%d' % (i + 1)]
             per_task = tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
-            per_task = normalize(per_task, self.config.norm, self.norm_params[i],
-                                 batch_axes=[1, 2, 3], feature_axes=[2, 3, 4])
+            per_task = normalize(per_task, self.config.norm, self.norm_params[i], batch_axes=[1, 2, 3],
+                                 feature_axes=[2, 3, 4], stop_gradient_in_variance=self.config.moments_stop_gradient)
             x = tf.reshape(per_task, [-1] + x.shape[1:].as_list())
             if self.config.max_pool:
                 x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
@@ -172,7 +173,7 @@ class MAML:
         for i in range(4):
             x = conv_block(x, weights['conv%d' % (i + 1)], weights['b%d' % (i + 1)], num_tasks,
                            self.config.norm, self.norm_params[i], self.config.max_pool, self.grouped_conv,
-                           self.fused_bn_grad)
+                           self.fused_bn_grad, self.config.moments_stop_gradient)
         _, height, width, _ = x.shape
         x = tf.reshape(x, [-1, height, width, num_tasks, self.config.num_filters])
         return tf.transpose(x, [3, 0, 1, 2, 4])

@@ -33,6 +33,7 @@ PREPARE = {
     'omniglot': ('omniglot_resized', 'python data/prepare_omniglot.py --from DIR_WITH_THE_TWO_ZIPS'),
     'miniimagenet': ('miniImagenet', 'python data/prepare_miniimagenet.py --from DIR_WITH_images_AND_CSVS'),
 }
+KEEP_CHECKPOINT_EVERY = 5000   # besides the newest 10: the run's earlier points, for --validate_checkpoints
 SINE_MAML = ['--datasource=sinusoid', '--metatrain_iterations=70000', '--norm=None']
 SINE_PRETRAIN = ['--datasource=sinusoid', '--pretrain_iterations=70000', '--metatrain_iterations=0', '--norm=None']
 OMNIGLOT_5WAY = ['--datasource=omniglot', '--metatrain_iterations=60000', '--meta_batch_size=32',
@@ -111,6 +112,12 @@ def image_rows():
         rows.append(Row('omniglot_5w%ds' % shots, 'omniglot', 'Omniglot 5-way %d-shot' % shots,
                         with_flag(OMNIGLOT_5WAY, 'update_batch_size', shots), (3,), (pct(*o5),),
                         'trained with 1 step of 0.4, evaluated after 3', data='omniglot'))
+        if shots == 1:
+            rows.append(Row('omniglot_5w1s_tf13_moments', 'omniglot',
+                            'Omniglot 5-way 1-shot, batch norm moments as TF >= 1.3 computes them',
+                            OMNIGLOT_5WAY + ['--moments_stop_gradient=True'], (3,), (pct(*o5),),
+                            'the paper\'s command with the meta-gradient the reference gets on TF >= 1.3 and the '
+                            'golden cases pin (not the paper\'s: TF 1.1/1.2, exact)', data='omniglot'))
         rows.append(Row('omniglot_20w%ds' % shots, 'omniglot', 'Omniglot 20-way %d-shot' % shots,
                         with_flag(OMNIGLOT_20WAY, 'update_batch_size', shots), (5,), (pct(*o20),),
                         'trained and evaluated with 5 steps of 0.1', data='omniglot'))
@@ -140,6 +147,8 @@ class RunState:
     commits: list = field(default_factory=list)
     curve: dict = field(default_factory=dict)       # iteration -> [pre, post] validation accuracy
     evaluated: str = None                           # checkpoint the last evaluation used
+    validation: dict = field(default_factory=dict)  # checkpoint N -> numbers on the validation tasks
+    best_test: dict = None                          # the best-validation checkpoint's test numbers
 
     @classmethod
     def load(cls, path):
@@ -275,6 +284,80 @@ def evaluate_row(row, flags, folder, state, state_path):
     return Path(written[-1]), restored[-1]
 
 
+## The saved checkpoints on the validation split (--validate_checkpoints)
+def evaluate_checkpoint(flags, checkpoint, scratch, test_set, log_path):
+    """The CSV columns of main.py evaluating one checkpoint (600 tasks of the validation or test
+    split). It runs in `scratch`, a folder holding hard links to that checkpoint alone: the training
+    run's folder and its CSV are left alone, and a training run still going may delete the
+    checkpoint meanwhile."""
+    checkpoint = Path(checkpoint)
+    experiment = Path(scratch) / checkpoint.parent.name
+    shutil.rmtree(scratch, ignore_errors=True)
+    experiment.mkdir(parents=True)
+    try:
+        for part in checkpoint.parent.glob(checkpoint.name + '.*'):
+            try:
+                os.link(part, experiment / part.name)
+            except OSError:
+                shutil.copy(part, experiment / part.name)
+        eval_flags = with_flag(flags, 'logdir', scratch) + ['--train=False', '--test_set=%s' % test_set]
+        code, lines, _, stopped = run_main(eval_flags, log_path)
+        if stopped:
+            raise KeyboardInterrupt
+        if code != 0:
+            raise RunnerError(main_error(lines))
+        written = [line[len('Wrote '):] for line in lines if line.startswith('Wrote ') and line.endswith('.csv')]
+        if not any(line.startswith('Restoring model weights from') for line in lines) or not written:
+            raise RunnerError('main.py did not load {} or wrote no CSV; see {}'.format(checkpoint, log_path))
+        return read_csv(written[-1])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def better(row, a, b):
+    """Whether numbers a beat numbers b after the last step the paper reports (accuracy up, MSE down)."""
+    step = str(row.steps[-1])
+    return a['steps'][step][0] < b['steps'][step][0] if row.table == 'sinusoid' else \
+        a['steps'][step][0] > b['steps'][step][0]
+
+
+def validate_checkpoints(row, flags, folder, state, state_path, last_checkpoint, last_numbers):
+    """Evaluates every kept checkpoint not yet evaluated on 600 tasks of the validation split, then
+    the one that did best there on the 600 test tasks. Not the paper's protocol (it reports the last
+    checkpoint, as the row does); it shows where in the run the model was best."""
+    if row.table == 'sinusoid':
+        raise RunnerError('{}: sinusoid tasks have no validation split (its evaluation draws the same '
+                          'tasks either way); --validate_checkpoints is for the image rows'.format(row.name))
+    kept = kept_checkpoints(folder)
+    log_path, scratch = folder / 'validate_checkpoints.log', folder.parent / ('.checkpoint_eval-' + row.name)
+    for checkpoint in kept:
+        number = checkpoint.name[5:]
+        if number in state.validation:
+            continue
+        print('== {}: {} on the validation tasks'.format(row.name, display_path(checkpoint)), flush=True)
+        columns = evaluate_checkpoint(flags, checkpoint, scratch, False, log_path)
+        state.validation[number] = reported_numbers(row, columns)
+        state.save(state_path)
+    # the best among those still on disk (or already evaluated on the test tasks); ties: the earlier
+    on_disk = {p.name[5:]: p for p in kept}
+    tested = state.best_test['checkpoint'] if state.best_test else None
+    candidates = sorted((n for n in state.validation if n in on_disk or n == tested), key=int)
+    if not candidates:
+        return None
+    best = candidates[0]
+    for number in candidates[1:]:
+        if better(row, state.validation[number], state.validation[best]):
+            best = number
+    last = last_checkpoint.rsplit('model', 1)[1]
+    if best == last:
+        state.best_test = {'checkpoint': best, **last_numbers}
+    elif best != tested:
+        print('== {}: model{} (best on validation) on the test tasks'.format(row.name, best), flush=True)
+        state.best_test = {'checkpoint': best, **reported_numbers(row, evaluate_checkpoint(
+            flags, on_disk[best], scratch, True, log_path))}
+    state.save(state_path)
+
+
 ## Cross-check: the same checkpoint evaluated by the reference's own code
 # The reference's main.py, unchanged, run with os.listdir sorted: its Omniglot split then equals the
 # port's (the reference's own split follows the file system's listing order, its known defect 3).
@@ -348,9 +431,15 @@ def reported_numbers(row, columns):
             'pre_update': columns['update0'][::2]}
 
 
+def kept_checkpoints(folder):
+    """The model{N} in the row's experiment folder (not those main.py moved aside into its subfolders)."""
+    return sorted((p.with_suffix('') for p in folder.glob('*/model*.index') if re.match(r'^model\d+$', p.stem)),
+                  key=lambda p: int(p.name[5:]))
+
+
 def newest_checkpoint(folder):
-    """model{N} with the largest N anywhere under the row's folder (its one experiment folder)."""
-    found = [p.with_suffix('') for p in folder.rglob('model*.index') if re.match(r'^model\d+$', p.stem)]
+    """model{N} with the largest N in the row's experiment folder."""
+    found = kept_checkpoints(folder)
     return str(max(found, key=lambda p: int(p.name[5:]))) if found else None
 
 
@@ -368,10 +457,11 @@ def read_csv(path):
     return {name: (m, s, c) for name, m, s, c in zip(header, means, stds, ci95)}
 
 
-def run_row(row, iterations, logdir, data_root, results, train=True, reference_eval=False):
+def run_row(row, iterations, logdir, data_root, results, train=True, reference_eval=False, validate=False):
     """Trains (or resumes) and evaluates one row, then records it in `results`. Without `train`,
     evaluates the run as far as it got; with `reference_eval`, the reference evaluates the same
-    checkpoint too (an earlier cross-check is kept: it names its checkpoint)."""
+    checkpoint too (an earlier cross-check is kept: it names its checkpoint); with `validate`, every
+    kept checkpoint is evaluated on the validation tasks and the best of them on the test tasks."""
     folder = Path(logdir) / row.name
     if row.data:
         subfolder, hint = PREPARE[row.data]
@@ -383,7 +473,8 @@ def run_row(row, iterations, logdir, data_root, results, train=True, reference_e
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / 'runner.json'
     state = RunState.load(state_path)
-    flags = row.command(iterations) + ['--logdir=' + str(folder), '--data_root=' + str(data_root)]
+    flags = row.command(iterations) + ['--logdir=' + str(folder), '--data_root=' + str(data_root),
+                                       '--keep_checkpoint_every=%d' % KEEP_CHECKPOINT_EVERY]
     print('== {}: python main.py {}'.format(row.name, ' '.join(flags)), flush=True)
     if train:
         train_row(row, flags, folder, state, state_path)
@@ -407,6 +498,11 @@ def run_row(row, iterations, logdir, data_root, results, train=True, reference_e
         'csv': display_path(csv_path),
         'curve': {int(k): v for k, v in state.curve.items() if int(k) < trained},
     }
+    if validate:   # after the row is recorded, as the cross-check: a failure does not lose it
+        validate_checkpoints(row, flags, folder, state, state_path, checkpoint, reported_numbers(row, columns))
+    if state.validation:
+        results[row.name]['checkpoints'] = {'validation': state.validation, 'best': state.best_test,
+                                            'last': checkpoint.rsplit('model', 1)[1]}
     if reference_eval:   # after the row is recorded: a failed cross-check does not lose it
         checked = cross_check(row, data_root, checkpoint, columns, folder)
     if checked:
@@ -508,6 +604,45 @@ def render_curves(results):
     return lines
 
 
+def render_checkpoint_sweeps(results):
+    swept = [(row, results[row.name]) for row in ROWS.values() if results.get(row.name, {}).get('checkpoints')]
+    if not swept:
+        return []
+    lines = ['## The saved checkpoints on the validation split', '',
+             'Written by `python reproduce.py ROW --validate_checkpoints`: every checkpoint the run kept (the '
+             'newest 10 and one every {} iterations) evaluated on 600 tasks of the validation split '
+             '(`--train=False --test_set=False`, the same tasks for each), and the one that did best there '
+             'evaluated on the 600 test tasks. This is not the paper\'s protocol: the rows above evaluate the '
+             'last checkpoint, as the reference does. It shows where in the run the model was best, and what '
+             'stopping there would have given.'.format(KEEP_CHECKPOINT_EVERY), '',
+             '| row | last checkpoint: test (the row) | best on validation | its validation | its test |',
+             '|---|---|---|---|---|']
+    details = []
+    for row, result in swept:
+        sweep = result['checkpoints']
+        numbers = lambda entry: '<br>'.join('{} step{}: {}'.format(s, '' if s == 1 else 's', fmt_value(
+            row.table, *entry['steps'][str(s)])) for s in row.steps)
+        best = sweep.get('best')
+        lines.append('| `{}` | model{}: {} | {} | {} | {} |'.format(
+            row.name, sweep['last'], numbers(result),
+            'model' + best['checkpoint'] if best else '—',
+            numbers(sweep['validation'][best['checkpoint']]) if best else '—',
+            numbers(best) if best else '—'))
+        details += ['', '<details><summary><code>{}</code>: each kept checkpoint on the validation tasks'
+                        '</summary>'.format(row.name), '',
+                    '| checkpoint | before adapting | {} |'.format(' | '.join(
+                        'after {} step{}'.format(s, '' if s == 1 else 's') for s in row.steps)),
+                    '|---|---|' + '---|' * len(row.steps)]
+        for number, entry in sorted(sweep['validation'].items(), key=lambda item: int(item[0])):
+            mark = ' (best)' if best and number == best['checkpoint'] else ''
+            mark += ' (last)' if number == sweep['last'] else ''
+            details.append('| model{}{} | {} | {} |'.format(number, mark, fmt_value(row.table, *entry['pre_update']),
+                                                        ' | '.join(fmt_value(row.table, *entry['steps'][str(s)])
+                                                                   for s in row.steps)))
+        details += ['', '</details>']
+    return lines + details + ['']
+
+
 def render_cross_checks(results):
     checked = [(row, results[row.name]['reference_eval']) for row in ROWS.values()
                if results.get(row.name, {}).get('reference_eval')]
@@ -538,13 +673,17 @@ def render(results):
              'run (600 test tasks, `--train=False --test_set=True`); the commands and how each number '
              'is taken are in `reproduce.py --list` and the README. A row trained for fewer iterations '
              'than the paper says so in its budget column and is not compared with the paper. Wall '
-             'times are this machine\'s (CPU only).', '']
+             'times are this machine\'s (CPU only). Image rows train with the meta-gradient through batch '
+             'norm that the paper\'s TensorFlow (1.1/1.2) computed, the port\'s default, except the row '
+             'labelled TF >= 1.3 (`--moments_stop_gradient=True`: what the reference computes on TF 1.15 '
+             'and the golden cases pin; see the README).', '']
     titles = {'sinusoid': 'Sinusoid regression (MSE after 1, 5 and 10 inner steps; the paper gives curves, '
                           'its values here are read from them and approximate)',
               'omniglot': 'Omniglot (Table 1)', 'miniimagenet': 'MiniImagenet (Table 1)'}
     for table in ('sinusoid', 'omniglot', 'miniimagenet'):
         lines += ['## ' + titles[table], ''] + render_table(table, results) + ['']
     lines += render_cross_checks(results)
+    lines += render_checkpoint_sweeps(results)
     curves = render_curves(results)
     if curves:
         lines += ['## Validation curves'] + curves + ['']
@@ -576,6 +715,11 @@ def main(argv=None):
     parser.add_argument('--reference_eval', action='store_true',
                         help='also evaluate the same checkpoint with the reference\'s own code (TF 1.15 venv) '
                              'and record both')
+    parser.add_argument('--validate_checkpoints', action='store_true',
+                        help='also evaluate every kept checkpoint (the newest 10 and every %d iterations) on 600 '
+                             'validation tasks, and the best of them on the test tasks: where in the run the model '
+                             'was best (the row itself stays the paper\'s protocol, the last checkpoint)'
+                             % KEEP_CHECKPOINT_EVERY)
     parser.add_argument('--logdir', default=str(REPO / 'logs' / 'reproduce'))
     parser.add_argument('--data_root', default=str(REPO / 'data'))
     parser.add_argument('--results', default=str(REPO / 'RESULTS.md'))
@@ -597,14 +741,17 @@ def main(argv=None):
         results = load_results(results_path)
         try:
             run_row(ROWS[name], args.iterations, args.logdir, args.data_root, results, train=not args.no_train,
-                    reference_eval=args.reference_eval)
+                    reference_eval=args.reference_eval, validate=args.validate_checkpoints)
         except RunnerError as error:
             print('error: ' + str(error), file=sys.stderr, flush=True)
             failed = True
         except KeyboardInterrupt:
             print('{}: stopped; rerun the same command to resume.'.format(name), file=sys.stderr)
             return 130
-        write_results(results_path, results)
+        latest = load_results(results_path)   # another runner may have written other rows meanwhile
+        if name in results:
+            latest[name] = results[name]
+        write_results(results_path, latest)
         if results.get(name, {}).get('status') == 'done':
             print('{}: wrote its row of {}'.format(name, results_path), flush=True)
     return 2 if failed else 0

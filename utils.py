@@ -35,7 +35,25 @@ def make_norm_params(norm, scope, num_channels):
     return params
 
 
-def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu):
+def moments(x, axes, stop_gradient_in_variance=False):
+    """Mean and variance of x over axes (dimensions kept), as tf.nn.moments computes them.
+
+    By default as TF 1.1 and 1.2 did, the versions the reference first ran on: the variance is
+    E[(x - s)^2] - (E[x - s])^2 with s the mean held constant, which equals the variance for any
+    s, so its derivatives of every order are exact. With stop_gradient_in_variance, as TF 1.3 and
+    later do: E[(x - s)^2] alone. Its first derivative is the same, its second is not (a term is
+    missing), so the meta-gradient through batch norm differs: that is what the reference computes
+    on TF 1.15 (with batch norm from moments) and what ../shared/golden pins.
+    """
+    if stop_gradient_in_variance:
+        return tf.nn.moments(x, axes, keepdims=True)
+    shift = tf.stop_gradient(tf.reduce_mean(x, axes, keepdims=True))
+    shifted_mean = tf.reduce_mean(x - shift, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, shift), axes, keepdims=True) - tf.square(shifted_mean)
+    return shifted_mean + shift, variance
+
+
+def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu, stop_gradient_in_variance=False):
     """Batch norm, layer norm or nothing, then the activation.
 
     Batch norm is transductive, as in the reference: it always uses the moments of the current
@@ -43,18 +61,19 @@ def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu):
     time alike, and has an offset but no scale. It is written with moments rather than the fused
     kernel because the fused kernel's second derivative is wrong inside the inner loop.
     Layer norm normalises each example over `feature_axes` with an offset and a scale.
+    stop_gradient_in_variance: see `moments`.
     """
     if norm == 'batch_norm':
-        mean, variance = tf.nn.moments(x, batch_axes, keepdims=True)
+        mean, variance = moments(x, batch_axes, stop_gradient_in_variance)
         x = tf.nn.batch_normalization(x, mean, variance, params['beta'], None, BATCH_NORM_EPSILON)
     elif norm == 'layer_norm':
-        mean, variance = tf.nn.moments(x, feature_axes, keepdims=True)
+        mean, variance = moments(x, feature_axes, stop_gradient_in_variance)
         x = tf.nn.batch_normalization(x, mean, variance, params['beta'], params['gamma'],
                                       LAYER_NORM_EPSILON)
     return activation(x) if activation is not None else x
 
 
-def batch_norm_relu_per_channel(x, beta):
+def batch_norm_relu_per_channel(x, beta, stop_gradient_in_variance=False):
     """relu(batch norm of x [N, H, W, C] over N, H, W, + beta [C]): the per-task layers' norm.
 
     The values are those of `normalize` (tf.nn.moments, tf.nn.batch_normalization, relu). The
@@ -81,18 +100,18 @@ def batch_norm_relu_per_channel(x, beta):
                 reserve_space_3=tf.zeros([0]), epsilon=BATCH_NORM_EPSILON, is_training=True)[:3]
 
         def grad(dy):
-            return _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient)
+            return _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient,
+                                             stop_gradient_in_variance)
         return y, grad
     return forward(x, beta)
 
 
-def _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient):
+def _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient, stop_gradient_in_variance):
     """(dx, dbeta) of batch_norm_relu_per_channel, with its own gradient.
 
     With g = dy * relu'(z), a = mean(g), b = mean(g * xhat) per channel:
-    dx = inv * (g - a - b * xhat). Its derivative follows TF's autodiff of tf.nn.moments exactly,
-    including the stop_gradient on the mean inside the variance (see README: the true second
-    derivative has one more term, inv^2 * b * mean(h), which the reference never had).
+    dx = inv * (g - a - b * xhat). Its derivative is that of TF's autodiff of `moments`: exact, or
+    with stop_gradient_in_variance lacking the term inv^2 * b * mean(h) (TF 1.3 and later).
     """
     @tf.custom_gradient
     def backward(dy, x, beta):
@@ -109,6 +128,8 @@ def _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradi
             inv2 = tf.square(inv)
             d_x = (xhat * (inv2 * (3.0 * b * c - mean_hg + a * mean_h)) + inv2 * c * a
                    - g * (inv2 * c) - h * (inv2 * b))
+            if not stop_gradient_in_variance:
+                d_x += inv2 * b * mean_h
             # The ReLU's mask is piecewise constant: beta gets no second-order gradient.
             return tf.raw_ops.ReluGrad(gradients=d_g + h_beta, features=y), d_x, tf.zeros_like(beta)
         return (dx, sum_g), grad
@@ -172,19 +193,22 @@ def conv_per_task(x, kernel, num_tasks, strides, grouped):
     return tf.concat([tf.nn.conv2d(i, k, strides, 'SAME') for i, k in zip(inputs, kernels)], axis=3)
 
 
-def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=True, fused_bn_grad=False):
+def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=True, fused_bn_grad=False,
+               stop_gradient_in_variance=False):
     """conv (+bias) -> normalisation -> ReLU (-> 2x2 max pool), every task with its own kernel.
 
     x: [examples, H, W, tasks*C]; kernel: [3, 3, C, tasks*F]; bias: [tasks*F].
+    stop_gradient_in_variance: see `moments`.
     """
     strides = [1, 1, 1, 1] if max_pool else [1, 2, 2, 1]
     x = conv_per_task(x, kernel, num_tasks, strides, grouped) + bias
     if norm == 'batch_norm' and fused_bn_grad:
         # Each channel of x is one task's filter: per-channel statistics are per-task ones.
-        x = batch_norm_relu_per_channel(x, tf.tile(norm_params['beta'], [num_tasks]))
+        x = batch_norm_relu_per_channel(x, tf.tile(norm_params['beta'], [num_tasks]), stop_gradient_in_variance)
     else:
         per_task = split_task_channels(x, num_tasks)
-        per_task = normalize(per_task, norm, norm_params, batch_axes=[0, 1, 2], feature_axes=[1, 2, 4])
+        per_task = normalize(per_task, norm, norm_params, batch_axes=[0, 1, 2], feature_axes=[1, 2, 4],
+                             stop_gradient_in_variance=stop_gradient_in_variance)
         x = tf.reshape(per_task, [-1, x.shape[1], x.shape[2], x.shape[3]])
     if max_pool:
         x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
@@ -322,13 +346,14 @@ def remove_partial_saves(exp_dir):
     return len(partial)
 
 
-def save_checkpoint(saver, sess, exp_dir, itr, keep=CHECKPOINTS_KEPT):
+def save_checkpoint(saver, sess, exp_dir, itr, keep=CHECKPOINTS_KEPT, keep_every=0):
     """Saves model{itr} so that no kill, full disk or vanished folder leaves a half-written newest one.
 
     The saver writes under a temporary name; the data files, then the index are renamed into place
     (a checkpoint counts only once its index exists), then the `checkpoint` file names it, then all
-    but the `keep` newest are deleted. A failure removes the temporaries and raises UserError: the
-    earlier checkpoints are untouched.
+    but the `keep` newest are deleted, except (with keep_every > 0) those whose N is a multiple of
+    keep_every. A failure removes the temporaries and raises UserError: the earlier checkpoints are
+    untouched.
     """
     name = 'model' + str(itr)
     final, partial = os.path.join(exp_dir, name), os.path.join(exp_dir, _PARTIAL_PREFIX + name)
@@ -345,6 +370,8 @@ def save_checkpoint(saver, sess, exp_dir, itr, keep=CHECKPOINTS_KEPT):
         kept = list_checkpoints(exp_dir)
         tf1.train.update_checkpoint_state(exp_dir, name, [os.path.basename(p) for p in reversed(kept[:keep])])
         for old in kept[keep:]:
+            if keep_every > 0 and checkpoint_iteration(old) % keep_every == 0:
+                continue
             for f in checkpoint_files(old):
                 os.remove(f)
     except (tf.errors.OpError, OSError, ValueError) as error:

@@ -35,12 +35,16 @@ def load_case(case_dir):
         'after_pretrain': npz('weights_after_3_pretrain_steps')}
 
 
-def model_config(flags):
+def model_config(flags, moments_stop_gradient=True):
+    """The case's flags as a ModelConfig. The golden cases were computed with TF 2.21's
+    tf.nn.moments, which stops the gradient through the mean inside the variance (TF >= 1.3):
+    moments_stop_gradient=True is what they pin; False is the port's default (TF 1.1/1.2's)."""
     fields = {f.name for f in ModelConfig.__dataclass_fields__.values()}
-    return ModelConfig(**{k: v for k, v in flags.items() if k in fields and v is not None})
+    return ModelConfig(moments_stop_gradient=moments_stop_gradient,
+                       **{k: v for k, v in flags.items() if k in fields and v is not None})
 
 
-def compute_case(case_dir, placement=None):
+def compute_case(case_dir, placement=None, moments_stop_gradient=True):
     """Runs the port on one case; returns {quantity name: value} in outputs.npz's naming.
 
     `placement` (devices.Placement): towers on local devices or cluster workers; default one device."""
@@ -48,7 +52,7 @@ def compute_case(case_dir, placement=None):
     placement = placement or devices.single_device()
     graph = tf.Graph()
     with graph.as_default(), (tf.device(placement.param_device) if placement.param_device else nullcontext()):
-        model = MAML(model_config(case['flags']), case['dim_input'], case['dim_output'],
+        model = MAML(model_config(case['flags'], moments_stop_gradient), case['dim_input'], case['dim_output'],
                      test_num_updates=case['test_num_updates'], towers=placement.towers,
                      param_device=placement.param_device)
         placeholders = {k: tf1.placeholder(tf.float32, [v.shape[0], None, v.shape[2]], name=k)
@@ -140,6 +144,16 @@ def compare(case_dir, results):
         got, want = np.asarray(results[name]), np.asarray(expected[name])
         diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float('inf')
         ratios.append((name, diff / tol if tol > 0 else (0.0 if diff == 0 else float('inf'))))
+    return sorted(ratios, key=lambda r: -r[1])
+
+
+def compare_with(case_dir, results, expected):
+    """[(quantity, difference / the case's tolerance)], the worst first, for the quantities in
+    `expected` (e.g. another reference run's outputs for the same case)."""
+    with open(os.path.join(case_dir, 'tolerances.json')) as f:
+        tolerances = json.load(f)
+    ratios = [(name, float(np.max(np.abs(np.asarray(results[name]) - np.asarray(value)))) / tolerances[name])
+              for name, value in expected.items() if name in tolerances]
     return sorted(ratios, key=lambda r: -r[1])
 
 

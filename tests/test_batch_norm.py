@@ -1,5 +1,6 @@
 """batch_norm_relu_per_channel (fused gradient kernel, hand-written second derivative) against
-TF's autodiff of `normalize`, the reference's formulation.
+TF's autodiff of `normalize`, in both of its formulations: the moments of TF 1.1/1.2 (exact
+derivatives, the default) and of TF 1.3 and later (stop_gradient on the mean in the variance).
 
 Truth is autodiff in float64; the fast version (float32 only: the fused kernel has no float64)
 must be as accurate as autodiff in float32, for values, first and second derivatives.
@@ -31,41 +32,51 @@ def derivatives(batch_norm, x_value, beta_value, dtype):
             return [np.asarray(t, np.float64) for t in sess.run([y, dx, dbeta, ddx, ddbeta])]
 
 
-def autodiff(x, beta):
-    return normalize(x, 'batch_norm', {'beta': beta}, batch_axes=[0, 1, 2], feature_axes=[1, 2, 3])
+def autodiff(stop_gradient_in_variance):
+    return lambda x, beta: normalize(x, 'batch_norm', {'beta': beta}, batch_axes=[0, 1, 2], feature_axes=[1, 2, 3],
+                                     stop_gradient_in_variance=stop_gradient_in_variance)
 
 
+def fast_version(stop_gradient_in_variance):
+    return lambda x, beta: batch_norm_relu_per_channel(x, beta, stop_gradient_in_variance)
+
+
+def exact(x, beta):
+    """Batch norm written plainly, no stop_gradient anywhere: the exact derivatives."""
+    mean = tf.reduce_mean(x, [0, 1, 2])
+    variance = tf.reduce_mean(tf.square(x - mean), [0, 1, 2])
+    return tf.nn.relu((x - mean) * tf.math.rsqrt(variance + 1e-3) + beta)
+
+
+@pytest.mark.parametrize('stop_gradient_in_variance', [False, True])
 @pytest.mark.parametrize('contrast', ['normal', 'low'])
-def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast):
+def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast, stop_gradient_in_variance):
     rng = np.random.RandomState(0)
     if contrast == 'normal':
         x = rng.randn(*SHAPE)
     else:   # Omniglot's first layer: a large common level, tiny variations (variance << epsilon)
         x = 0.5 + 1e-3 * rng.randn(*SHAPE)
     beta = 0.3 * rng.randn(SHAPE[-1])
-    truth = derivatives(autodiff, x, beta, tf.float64)
-    autodiff32 = derivatives(autodiff, x, beta, tf.float32)
-    fast = derivatives(batch_norm_relu_per_channel, x, beta, tf.float32)
+    truth = derivatives(autodiff(stop_gradient_in_variance), x, beta, tf.float64)
+    autodiff32 = derivatives(autodiff(stop_gradient_in_variance), x, beta, tf.float32)
+    fast = derivatives(fast_version(stop_gradient_in_variance), x, beta, tf.float32)
     for name, want, slow, got in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], truth, autodiff32, fast):
         scale = np.abs(want).max()
         allowed = max(4 * np.abs(slow - want).max(), 1e-6 * scale)
         assert np.abs(got - want).max() <= allowed, name
 
 
-def test_second_derivative_is_the_references_not_the_exact_one():
-    # tf.nn.moments stops the gradient through the mean inside the variance; the reference's
-    # second derivatives (and the golden cases) have that, so must ours: the exact one differs.
+def test_tf12_moments_give_the_exact_second_derivative_and_tf13_moments_do_not():
+    # TF 1.3's tf.nn.moments stops the gradient through the mean inside the variance: its second
+    # derivative misses a term (what the golden cases pin). TF 1.1/1.2's form is exact.
     rng = np.random.RandomState(2)
     x, beta = rng.randn(*SHAPE), 0.3 * rng.randn(SHAPE[-1])
-
-    def exact(x, beta):
-        mean = tf.reduce_mean(x, [0, 1, 2])
-        variance = tf.reduce_mean(tf.square(x - mean), [0, 1, 2])
-        return tf.nn.relu((x - mean) * tf.math.rsqrt(variance + 1e-3) + beta)
-
-    reference = derivatives(autodiff, x, beta, tf.float64)[3]
     exact_second = derivatives(exact, x, beta, tf.float64)[3]
-    fast = derivatives(batch_norm_relu_per_channel, x, beta, tf.float32)[3]
-    scale = np.abs(reference).max()
-    assert np.abs(fast - reference).max() < 1e-4 * scale
-    assert np.abs(exact_second - reference).max() > 1e-2 * scale
+    tf12 = derivatives(autodiff(False), x, beta, tf.float64)[3]
+    tf13 = derivatives(autodiff(True), x, beta, tf.float64)[3]
+    scale = np.abs(exact_second).max()
+    assert np.abs(tf12 - exact_second).max() < 1e-9 * scale
+    assert np.abs(tf13 - exact_second).max() > 1e-2 * scale
+    for stop_gradient_in_variance, want in ((False, exact_second), (True, tf13)):
+        fast = derivatives(fast_version(stop_gradient_in_variance), x, beta, tf.float32)[3]
+        assert np.abs(fast - want).max() < 1e-4 * scale

@@ -32,3 +32,19 @@ def test_unwritable_logdir(tmp_path):
     result = run_main(*SINE, '--logdir=' + str(blocker / 'logs'))
     assert_one_line_error(result, 'cannot write', '--logdir')
     assert not (blocker.parent / 'logs').exists()
+
+
+def test_resuming_with_the_other_moments_math_is_an_error(tmp_path):
+    """A run's meta-gradient math stays the same across resumes: its folder records
+    --moments_stop_gradient, and resuming with the other value names the one to pass."""
+    logdir = '--logdir=' + str(tmp_path)
+    first = run_main('--datasource=sinusoid', '--metatrain_iterations=3', logdir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = list(tmp_path.glob('*/moments_stop_gradient.txt'))
+    assert len(records) == 1 and records[0].read_text() == 'False\n'
+    mixed = run_main('--datasource=sinusoid', '--metatrain_iterations=6', '--moments_stop_gradient=True', logdir)
+    assert_one_line_error(mixed, 'trained with --moments_stop_gradient=False', '--resume=False')
+    assert sorted(p.name for p in records[0].parent.glob('model*.index')) == ['model2.index']   # untouched
+    again = run_main('--datasource=sinusoid', '--metatrain_iterations=6', logdir)
+    assert again.returncode == 0 and 'Restoring model weights from' in again.stdout, again.stderr[-2000:]
+    assert (records[0].parent / 'model5.index').is_file()

@@ -221,7 +221,8 @@ def test_a_failing_save_stops_with_one_line_and_keeps_the_earlier_checkpoints(tm
     exp = logdir / EXP
     assert_one_line_error(result, 'could not save checkpoint model2000 at iteration 2000', str(exp),
                           'No space left on device', 'intact')
-    assert sorted(os.listdir(exp)) == ['.lock', 'checkpoint', 'model1000.data-00000-of-00001', 'model1000.index']
+    assert sorted(os.listdir(exp)) == ['.lock', 'checkpoint', 'model1000.data-00000-of-00001', 'model1000.index',
+                                     'moments_stop_gradient.txt']
     assert checkpoint_problem(str(exp / 'model1000')) is None
     assert 'model_checkpoint_path: "model1000"' in (exp / 'checkpoint').read_text()
     resumed = resume(logdir)
@@ -245,7 +246,9 @@ def test_an_unwritable_experiment_folder_mid_run_is_a_failed_save(tmp_path):
     assert_one_line_error(result, 'could not save checkpoint model1000 at iteration 1000', str(exp))
 
 
-def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_file(tmp_path):
+def save_counter_checkpoints(folder, iterations, keep_every=0):
+    """save_checkpoint of a counter v (v = how many saves so far) at each of `iterations`; returns
+    the names of the checkpoints left in folder, the newest first."""
     from utils import list_checkpoints, save_checkpoint
     with tf.Graph().as_default():
         variable = tf1.get_variable('v', [3], initializer=tf1.zeros_initializer())
@@ -253,10 +256,15 @@ def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_f
         saver = tf1.train.Saver(max_to_keep=None)
         with tf1.Session() as sess:
             sess.run(tf1.global_variables_initializer())
-            for itr in range(0, 13000, 1000):
+            for itr in iterations:
                 sess.run(step)
-                assert save_checkpoint(saver, sess, str(tmp_path), itr) == str(tmp_path / ('model%d' % itr))
-    kept = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+                saved = save_checkpoint(saver, sess, str(folder), itr, keep_every=keep_every)
+                assert saved == str(folder / ('model%d' % itr))
+    return [os.path.basename(p) for p in list_checkpoints(str(folder))]
+
+
+def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_file(tmp_path):
+    kept = save_counter_checkpoints(tmp_path, range(0, 13000, 1000))
     assert kept == ['model%d' % i for i in range(12000, 2000, -1000)]
     assert sorted(os.listdir(tmp_path)) == sorted(['checkpoint'] + [n + suffix for n in kept for suffix in (
         '.index', '.data-00000-of-00001')])
@@ -265,3 +273,12 @@ def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_f
     assert list(state.all_model_checkpoint_paths) == [str(tmp_path / n) for n in reversed(kept)]
     assert tf1.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / 'model12000')
     np.testing.assert_array_equal(values(tmp_path / 'model12000')['v'], [13, 13, 13])
+
+
+def test_save_checkpoint_keeps_every_multiple_of_keep_every_besides_the_newest_ten(tmp_path):
+    kept = save_counter_checkpoints(tmp_path, list(range(1000, 21000, 1000)) + [20999], keep_every=5000)
+    assert kept == ['model20999'] + ['model%d' % i for i in range(20000, 11000, -1000)] + ['model10000', 'model5000']
+    # the `checkpoint` file names the newest ten only, as without keep_every
+    state = tf1.train.get_checkpoint_state(str(tmp_path))
+    assert list(state.all_model_checkpoint_paths) == [str(tmp_path / n) for n in reversed(kept[:10])]
+    np.testing.assert_array_equal(values(tmp_path / 'model5000')['v'], [5, 5, 5])

@@ -1,4 +1,5 @@
 """The port against the reference's own outputs (../shared/golden/cases)."""
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +37,32 @@ def test_with_onednn_off_and_on(onednn):
                             cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'golden: 2 of 2 cases match' in result.stdout
+
+
+@pytest.mark.parametrize('onednn', ['0', '1'])
+def test_default_moments_give_the_meta_gradient_of_the_reference_on_tf12(onednn):
+    """The golden cases pin the meta-gradient of TF >= 1.3's tf.nn.moments (--moments_stop_gradient);
+    the port's default is that of TF 1.1/1.2, which the reference's own code computes there
+    (tests/reference_tf12/make_outputs.py). Same tolerances; they tell the two apart."""
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL='3')
+    script = '\n'.join([
+        'import json, sys, numpy as np',
+        'from tests import golden',
+        'case, tf12 = sys.argv[1], dict(np.load(sys.argv[2]))',
+        'tf12.pop("tf_version")',
+        'results = golden.compute_case(case, moments_stop_gradient=False)',
+        'print(json.dumps({"default": golden.compare_with(case, results, tf12),',
+        '                  "golden_outputs": golden.compare_with(case, dict(np.load(case + "/outputs.npz")), tf12)}))'])
+    result = subprocess.run([sys.executable, '-c', script, str(GOLDEN / 'cases' / 'omniglot_5w1s'),
+                             str(REPO / 'tests' / 'reference_tf12' / 'omniglot_5w1s.npz')],
+                            cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ratios = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(ratios['default']) == 18 and ratios['default'][0][1] <= 1.0, ratios['default'][:3]
+    # The golden outputs (TF >= 1.3's moments) miss TF 1.2's meta-gradient: the conv biases by 200
+    # times their tolerance (TF 1.2 gives them none), 11 of the 14 gradients in all.
+    misses = {name for name, ratio in ratios['golden_outputs'] if ratio > 30}
+    assert {'grad/model/Variable', 'grad/model/conv1', 'grad/model/0/beta'} <= misses and len(misses) == 11
 
 
 def test_main_turns_onednn_on_for_image_data_only():

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,12 +191,16 @@ def test_rows_are_the_usage_blocks_commands():
         'sine_k10_maml': sine + ['--update_lr=0.01'],
         'sine_k5_maml': reproduce.with_flag(sine, 'update_batch_size', 5) + ['--update_lr=0.01'],
         'sine_k5_pretrained': reproduce.with_flag(pretrained, 'update_batch_size', 5),
+        'sine_k5_maml_usage': reproduce.with_flag(sine, 'update_batch_size', 5),
+        'sine_k5_oracle': reproduce.with_flag(oracle, 'update_batch_size', 5),
         'omniglot_5w1s': omniglot5, 'omniglot_20w1s': omniglot20,
         'omniglot_5w5s': reproduce.with_flag(omniglot5, 'update_batch_size', 5),
         'omniglot_20w5s': reproduce.with_flag(omniglot20, 'update_batch_size', 5),
         'mini_5w1s': mini1, 'mini_5w5s': mini5, 'mini_5w1s_first_order': mini1 + ['--stop_grad=True'],
         'mini_5w5s_first_order': mini5 + ['--stop_grad=True'],
+        'omniglot_5w1s_tf13_moments': omniglot5 + ['--moments_stop_gradient=True'],
     }
+    assert set(expected) == set(reproduce.ROWS)
     for name, flags in expected.items():
         assert sorted(reproduce.ROWS[name].flags) == sorted(flags), name
     steps = {name: row.steps for name, row in reproduce.ROWS.items()}
@@ -205,3 +210,72 @@ def test_rows_are_the_usage_blocks_commands():
     assert steps['sine_k10_maml'] == (1, 5, 10)
     np.testing.assert_allclose(reproduce.ROWS['omniglot_5w1s'].paper[0], (0.987, 0.004))
     np.testing.assert_allclose(reproduce.ROWS['mini_5w5s_first_order'].paper[0], (0.6315, 0.0091))
+
+
+def evaluate_with_main(flags, logdir, test_set, test_iter):
+    """main.py's own evaluation of model{test_iter}, in a copy of the row's folder; its CSV columns."""
+    result = subprocess.run([sys.executable, str(REPO / 'main.py')] + reproduce.with_flag(flags, 'logdir', logdir) + [
+        '--train=False', '--test_set=%s' % test_set, '--test_iter=%s' % test_iter],
+        cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    written = [line[len('Wrote '):] for line in result.stdout.splitlines() if line.startswith('Wrote ')]
+    return reproduce.read_csv(written[-1])
+
+
+def test_validate_checkpoints_evaluates_each_kept_checkpoint_and_the_best_on_the_test_tasks(omniglot_root, tmp_path):
+    """--validate_checkpoints on a real Omniglot run with two checkpoints (model2, then model4 on
+    resuming): each one's validation numbers are main.py's own evaluation of it on the validation
+    split, the best one's test numbers are its evaluation on the test split, the row (the last
+    checkpoint on the test tasks) is untouched, and a rerun evaluates nothing again."""
+    row = reproduce.ROWS['omniglot_5w1s']
+    logs, results = tmp_path / 'logs', tmp_path / 'RESULTS.md'
+    common = ('--logdir=' + str(logs), '--data_root=' + str(omniglot_root.parent), '--results=' + str(results))
+    first = run_reproduce(row.name, '--iterations=3', *common)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert '--keep_checkpoint_every=5000' in (logs / row.name / 'train.log').read_text()
+    second = run_reproduce(row.name, '--iterations=5', '--validate_checkpoints', *common)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    entry = reproduce.load_results(results)[row.name]
+    sweep = entry['checkpoints']
+    assert sweep['last'] == '4' and sorted(sweep['validation']) == ['2', '4']
+
+    # An independent evaluation by main.py of each checkpoint, in a copy (main.py writes its CSV there).
+    copy = tmp_path / 'copy'
+    shutil.copytree(logs / row.name, copy)
+    flags = row.command(5) + ['--data_root=' + str(omniglot_root.parent)]
+    for number in ('2', '4'):
+        own = reproduce.reported_numbers(row, evaluate_with_main(flags, copy, False, number))
+        assert sweep['validation'][number]['steps']['3'] == pytest.approx(list(own['steps']['3']))
+        assert sweep['validation'][number]['pre_update'] == pytest.approx(list(own['pre_update']))
+    best = max(('2', '4'), key=lambda n: (sweep['validation'][n]['steps']['3'][0], -int(n)))
+    assert sweep['best']['checkpoint'] == best
+    if best == '4':     # the last checkpoint: its test numbers are the row's
+        assert sweep['best']['steps'] == entry['steps']
+    else:
+        own = reproduce.reported_numbers(row, evaluate_with_main(flags, copy, True, best))
+        assert sweep['best']['steps']['3'] == pytest.approx(list(own['steps']['3']))
+    # The row is still the last checkpoint on the test tasks, from the CSV of its own evaluation.
+    test_csv = reproduce.read_csv(REPO / entry['csv'])
+    assert entry['steps']['3'] == pytest.approx(list(test_csv['update3'][::2]))
+    sweep_log = (logs / row.name / 'validate_checkpoints.log').read_text()
+    assert sweep_log.count('--test_set=False') == 2 and sweep_log.count('--test_set=True') == (best != '4')
+    assert not list(logs.glob('.checkpoint_eval-*'))                 # the scratch folder is gone
+
+    text = results.read_text()
+    assert '## The saved checkpoints on the validation split' in text
+    assert '| model2' in text and '| model4' in text
+    log = logs / row.name / 'validate_checkpoints.log'
+    evaluated = log.read_text().count('\n$ ')
+    again = run_reproduce(row.name, '--no_train', '--validate_checkpoints', *common)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert log.read_text().count('\n$ ') == evaluated                # nothing evaluated twice
+    assert reproduce.load_results(results)[row.name]['checkpoints'] == sweep
+
+
+def test_validate_checkpoints_refuses_sinusoid_rows_in_one_line(first_run):
+    base, _, _ = first_run
+    result = run_reproduce(ROW, '--no_train', '--validate_checkpoints', '--logdir=' + str(base / 'logs'),
+                           '--results=' + str(base / 'RESULTS_validate.md'))
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+    assert 'no validation split' in result.stderr.splitlines()[-1]
+    assert reproduce.load_results(base / 'RESULTS_validate.md')[ROW]['iterations'] == 60   # the row is kept
