@@ -12,6 +12,8 @@ the wall time, the machine, the date and the commit. `--iterations N` trains a s
 which the row says; running again with a larger one (or none) continues the same run.
 `--reference_eval` also evaluates the same checkpoint with the reference's own code (TF 1.15, in
 the venv ../shared/reference/run_reference.sh builds) and records both numbers side by side.
+`--validate_checkpoints` evaluates every kept checkpoint on 600 validation tasks and the best of
+them on the test tasks (a table of its own; the row stays the last checkpoint).
 RESULTS.md is rendered entirely from the data block at its end, which only this runner writes.
 """
 import argparse
