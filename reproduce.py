@@ -270,7 +270,16 @@ def evaluate_row(row, flags, folder, state, state_path):
         state.evaluated['checkpoint'] == newest_checkpoint(folder)
     if done:
         return Path(state.evaluated['csv']), state.evaluated['checkpoint']
-    code, lines, seconds, stopped = run_main(eval_flags, folder / 'eval.log')
+    checkpoint, csv_path, seconds = run_evaluation(eval_flags, folder / 'eval.log')
+    state.eval_seconds = seconds
+    state.evaluated = {'checkpoint': checkpoint, 'csv': csv_path}
+    state.save(state_path)
+    return Path(csv_path), checkpoint
+
+
+def run_evaluation(eval_flags, log_path):
+    """main.py evaluating with eval_flags: (the checkpoint it restored, the CSV it wrote, seconds)."""
+    code, lines, seconds, stopped = run_main(eval_flags, log_path)
     if stopped:
         raise KeyboardInterrupt
     if code != 0:
@@ -279,11 +288,9 @@ def evaluate_row(row, flags, folder, state, state_path):
                 if line.startswith('Restoring model weights from ')]
     written = [line[len('Wrote '):] for line in lines if line.startswith('Wrote ') and line.endswith('.csv')]
     if not restored or not written:
-        raise RunnerError('main.py did not report the checkpoint it evaluated or the CSV it wrote')
-    state.eval_seconds = seconds
-    state.evaluated = {'checkpoint': restored[-1], 'csv': written[-1]}
-    state.save(state_path)
-    return Path(written[-1]), restored[-1]
+        raise RunnerError('main.py did not report the checkpoint it evaluated or the CSV it wrote; see {}'.format(
+            log_path))
+    return restored[-1], written[-1], seconds
 
 
 ## The saved checkpoints on the validation split (--validate_checkpoints)
@@ -303,24 +310,15 @@ def evaluate_checkpoint(flags, checkpoint, scratch, test_set, log_path):
             except OSError:
                 shutil.copy(part, experiment / part.name)
         eval_flags = with_flag(flags, 'logdir', scratch) + ['--train=False', '--test_set=%s' % test_set]
-        code, lines, _, stopped = run_main(eval_flags, log_path)
-        if stopped:
-            raise KeyboardInterrupt
-        if code != 0:
-            raise RunnerError(main_error(lines))
-        written = [line[len('Wrote '):] for line in lines if line.startswith('Wrote ') and line.endswith('.csv')]
-        if not any(line.startswith('Restoring model weights from') for line in lines) or not written:
-            raise RunnerError('main.py did not load {} or wrote no CSV; see {}'.format(checkpoint, log_path))
-        return read_csv(written[-1])
+        return read_csv(run_evaluation(eval_flags, log_path)[1])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def better(row, a, b):
-    """Whether numbers a beat numbers b after the last step the paper reports (accuracy up, MSE down)."""
+    """Whether numbers a beat numbers b: accuracy after the last step the paper reports."""
     step = str(row.steps[-1])
-    return a['steps'][step][0] < b['steps'][step][0] if row.table == 'sinusoid' else \
-        a['steps'][step][0] > b['steps'][step][0]
+    return a['steps'][step][0] > b['steps'][step][0]
 
 
 def validate_checkpoints(row, flags, folder, state, state_path, last_checkpoint, last_numbers):
