@@ -126,10 +126,9 @@ def _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradi
             mean_hg = tf.reduce_sum(h * g, [0, 1, 2]) / count
             xhat = (x - mean) * inv
             inv2 = tf.square(inv)
-            d_x = (xhat * (inv2 * (3.0 * b * c - mean_hg + a * mean_h)) + inv2 * c * a
+            per_channel = c * a if stop_gradient_in_variance else c * a + b * mean_h   # exact: + b * mean_h
+            d_x = (xhat * (inv2 * (3.0 * b * c - mean_hg + a * mean_h)) + inv2 * per_channel
                    - g * (inv2 * c) - h * (inv2 * b))
-            if not stop_gradient_in_variance:
-                d_x += inv2 * b * mean_h
             # The ReLU's mask is piecewise constant: beta gets no second-order gradient.
             return tf.raw_ops.ReluGrad(gradients=d_g + h_beta, features=y), d_x, tf.zeros_like(beta)
         return (dx, sum_g), grad

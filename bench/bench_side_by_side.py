@@ -1,12 +1,14 @@
 """The port against the reference's own code, side by side on this machine.
 
     python bench/bench_side_by_side.py [sinusoid omniglot5 omniglot5_first_order omniglot20 mini1]
-        [--rounds 3] [--sides reference,moments,port] [--iterations N] [--data_root DIR]
+        [--rounds 3] [--sides reference,moments,port,port_tf13] [--iterations N] [--data_root DIR]
 
 For every configuration (the paper's commands, shortened) each round runs the reference as shipped
 (TF 1.15, fused batch norm, in the venv ../shared/reference/run_reference.sh builds), the reference computing
-the port's math (`--moments`: batch norm from moments) and this port, one after the other, the order
-turned around every round. Each run's time per meta-iteration comes from the moments its progress
+batch norm from moments (`--moments`, whose meta-gradient on TF 1.15 is TF 1.3's) and this port, one
+after the other, the order turned around every round. `port_tf13` is the port with
+`--moments_stop_gradient=True`: the same math as `moments`, so `port_tf13 / moments` is the
+same-math ratio (the port's default computes TF 1.2's exact meta-gradient, one more term). Each run's time per meta-iteration comes from the moments its progress
 lines appear (summaries and validation included, start-up excluded): from the first printed
 iteration to the last. Prints the medians over the rounds, the ratios port / reference, and the
 start-up times (process start to "Done initializing"; the port's first run decodes the images,
@@ -34,7 +36,8 @@ MEASURED = {   # configuration: (bench_train's flags, iterations to run, progres
     'omniglot20': ('omniglot20', [], 301, 100),
     'mini1': ('mini1', [], 301, 100),
 }
-SIDES = ('reference', 'moments', 'port')
+SIDES = ('reference', 'moments', 'port', 'port_tf13')
+PORT_SIDES = {'port': [], 'port_tf13': ['--moments_stop_gradient=True']}
 
 
 def flags_of(name, iterations=None):
@@ -88,8 +91,9 @@ def command(side, name, data_root, logdir, iterations=None):
     """(command line, working folder) of one run."""
     flags, kind = flags_of(name, iterations)
     flags = flags + ['--logdir=' + str(logdir)]
-    if side == 'port':
-        return [sys.executable, '-u', str(REPO / 'main.py')] + flags + ['--data_root=' + str(data_root)], REPO
+    if side in PORT_SIDES:
+        return ([sys.executable, '-u', str(REPO / 'main.py')] + flags + PORT_SIDES[side] +
+                ['--data_root=' + str(data_root)], REPO)
     work = reference_copy(side == 'moments', data_root, kind)
     return [str(reference_venv() / 'bin' / 'python'), '-u', 'main.py'] + flags, work
 
@@ -132,10 +136,14 @@ def main():
                          'lines, every {} iterations; give at least {}'.format(args.iterations, name, interval,
                                                                                  2 * interval + 1))
     sides = [s for s in args.sides.split(',') if s]
-    if any(s != 'port' for s in sides) and not reference_available():
+    if any(s not in PORT_SIDES for s in sides) and not reference_available():
         print('The reference cannot run here (run_reference.sh needs a Python 3.7 for TensorFlow 1.15): '
               'the port\'s figures alone.')
-        sides = ['port']
+        sides = [s for s in sides if s in PORT_SIDES] or ['port']
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        parser.error('--sides: no side {}; the sides are {}'.format(', '.join(unknown), ', '.join(SIDES)))
+    first_port = next((s for s in sides if s in PORT_SIDES), None)   # its first run decodes the images
     tmp = Path(tempfile.mkdtemp(prefix='side_by_side_'))
     data_root = args.data_root or tmp / 'data'
     data_root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +157,7 @@ def main():
                     prepare_data(kind, data_root)
                 for side in order:
                     logdir = tmp / 'logs' / '{}_{}_{}'.format(name, side, round_index)
-                    if side == 'port' and round_index == 0:
+                    if side == first_port and round_index == 0:
                         shutil.rmtree(data_root / '.cache', ignore_errors=True)   # a first run: decoding
                     cmd, cwd = command(side, name, data_root, logdir, args.iterations)
                     startup, ms = timed_run(cmd, cwd, logdir)
@@ -159,30 +167,31 @@ def main():
                     print('round {} {:<22s} {:<9s} start-up {:6.1f} s  {:8.2f} ms/iteration'.format(
                         round_index + 1, name, side, startup, ms), flush=True)
                     shutil.rmtree(logdir, ignore_errors=True)
-        print_table(args.configs, sides, results)
+        print_table(args.configs, sides, results, first_port)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def print_table(configs, sides, results):
+RATIOS = (('port', 'reference'), ('port', 'moments'), ('port_tf13', 'moments'))
+
+
+def print_table(configs, sides, results, first_port):
+    ratios = [(a, b) for a, b in RATIOS if a in sides and b in sides]
     print('\nMedians over rounds, ms per meta-iteration (summaries and validation included):')
-    head = '| config | ' + ' | '.join(sides) + ' |' + (' port / reference | port / moments |' if len(sides) > 1 else '')
-    head += ' start-up: ' + ', '.join(sides) + ' (port: first run / later runs) |'
+    head = '| config | ' + ' | '.join(sides) + ' | ' + ''.join('{} / {} | '.format(a, b) for a, b in ratios)
+    head += 'start-up: ' + ', '.join(sides) + ' ({}: first run / later runs) |'.format(first_port)
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     for name in configs:
         ms = {s: statistics.median(m for _, m in results[(name, s)]) for s in sides}
-        cells = ['{:.1f}'.format(ms[s]) for s in sides]
-        if 'port' in sides and len(sides) > 1:
-            for other in ('reference', 'moments'):
-                cells.append('{:.2f}x'.format(ms['port'] / ms[other]) if other in ms else '—')
+        cells = ['{:.1f}'.format(ms[s]) for s in sides] + ['{:.2f}x'.format(ms[a] / ms[b]) for a, b in ratios]
         startups = []
         for s in sides:
             times = [t for t, _ in results[(name, s)]]
-            if s == 'port':
+            if s == first_port:
                 startups.append('{:.1f} / {:.1f} s'.format(times[0], statistics.median(times[1:] or times)))
             else:
-                startups.append('{:.0f} s'.format(statistics.median(times)))
+                startups.append('{:.1f} s'.format(statistics.median(times)))
         print('| {} | {} | {} |'.format(name, ' | '.join(cells), ', '.join(startups)))
 
 
