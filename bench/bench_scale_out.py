@@ -142,7 +142,7 @@ def main():
                       '2 towers, logical CPUs': devices.local_placement('/cpu:0,/cpu:1'),
                       '2 loopback workers': devices.cluster_placement(','.join(addresses))}
         for name in args.configs:
-            config = CONFIGS[name][0]
+            config = CONFIGS[name]
             ms = collections.defaultdict(list)
             for round_index in range(args.rounds):
                 for path, placement in placements.items():
