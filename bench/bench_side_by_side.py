@@ -8,9 +8,9 @@ For every configuration (the paper's commands, shortened) each round runs the re
 batch norm from moments (`--moments`, whose meta-gradient on TF 1.15 is TF 1.3's) and this port, one
 after the other, the order turned around every round. `port_tf13` is the port with
 `--moments_stop_gradient=True`: the same math as `moments`, so `port_tf13 / moments` is the
-same-math ratio (the port's default computes TF 1.2's exact meta-gradient, one more term). Each run's time per meta-iteration comes from the moments its progress
-lines appear (summaries and validation included, start-up excluded): from the first printed
-iteration to the last. Prints the medians over the rounds, the ratios port / reference, and the
+same-math ratio (the port's default computes TF 1.2's exact meta-gradient, one more term). Each
+run's time per meta-iteration comes from the moments its progress lines appear (summaries and
+validation included, start-up excluded): from the first printed iteration to the last. Prints the medians over the rounds, the ratios port / reference, and the
 start-up times (process start to "Done initializing"; the port's first run decodes the images,
 later ones read its pixel cache). Nothing else heavy may run meanwhile. Without a Python 3.7 for
 the reference, it says so and prints the port's figures alone.
@@ -136,13 +136,13 @@ def main():
                          'lines, every {} iterations; give at least {}'.format(args.iterations, name, interval,
                                                                                  2 * interval + 1))
     sides = [s for s in args.sides.split(',') if s]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        parser.error('--sides: no side {}; the sides are {}'.format(', '.join(unknown), ', '.join(SIDES)))
     if any(s not in PORT_SIDES for s in sides) and not reference_available():
         print('The reference cannot run here (run_reference.sh needs a Python 3.7 for TensorFlow 1.15): '
               'the port\'s figures alone.')
         sides = [s for s in sides if s in PORT_SIDES] or ['port']
-    unknown = [s for s in sides if s not in SIDES]
-    if unknown:
-        parser.error('--sides: no side {}; the sides are {}'.format(', '.join(unknown), ', '.join(SIDES)))
     first_port = next((s for s in sides if s in PORT_SIDES), None)   # its first run decodes the images
     tmp = Path(tempfile.mkdtemp(prefix='side_by_side_'))
     data_root = args.data_root or tmp / 'data'
