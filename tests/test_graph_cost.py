@@ -51,6 +51,24 @@ def test_convolutions_of_one_step_meta_update():
     assert sum(second_order.values()) == 42 * per_layer_op
 
 
+def could_be_plain_count(counter):
+    return sum(count for conv, count in counter.items() if conv[-1])
+
+
+def test_convolutions_that_could_run_plain_are_those_of_the_shared_kernels():
+    # Second order: of the first inner step, the support forward (4) and input gradients (3) use
+    # the shared kernels, and so do their derivatives in the meta-gradient: those of the input
+    # gradients (3 + 3) and of the forward (3 input, 4 filter gradients, summed over tasks): 20 of 42.
+    # First order: the support forward and input gradients (7), and the query pass's filter
+    # gradients (4), which only the shared weights' gradient reads: 11 of 22.
+    # Without grouped convolution (oneDNN off) each of these is one convolution per task.
+    per_layer_op = 1 if grouped_conv_supported() else TASKS
+    assert could_be_plain_count(convolutions(1, test_num_updates=10)) == 20 * per_layer_op
+    assert could_be_plain_count(convolutions(1, test_num_updates=10, stop_grad=True)) == 11 * per_layer_op
+    # A second inner step starts from per-task weights: nothing of it is shared.
+    assert could_be_plain_count(convolutions(2, test_num_updates=2)) == 20 * per_layer_op
+
+
 def test_steps_nothing_differentiates_are_one_loop_with_the_unrolled_numbers():
     """Inner steps past the differentiated ones run in one tf.while_loop: the graph holds one copy of
     a step, not one per step, and every step's query output and loss equal those of the unrolled
