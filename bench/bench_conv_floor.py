@@ -4,18 +4,18 @@
 
 Builds the training graph of the paper's command (random inputs: no data needed), lists every
 convolution that one traced meta-update runs (forward, backprop-input, backprop-filter, and those of
-the second-order pass), and times each one alone at its real shape twice: as the graph runs it
-(each task with its own kernel: a grouped convolution) and as one plain convolution with the
-tasks in the batch. The latter does the same arithmetic in the fastest form oneDNN offers here,
-so its sum bounds from below any implementation that computes the same exact meta-gradient in
-float32. All-plain is a bound, not a design: a convolution can run plain only where every task
-uses the same kernel (the tiled shared weights: the first inner step's support pass, its input
-gradients, and their second derivatives) or where a filter gradient is summed over the tasks
-anyway (one that flows only into the shared weights' gradient). The "mixed" column times those
-plain and the rest grouped: the floor of the "plain first step" design. Also prints the measured time of the whole meta-update for comparison, and with
---reference_ms (the reference's ms per meta-iteration, from bench_side_by_side on this machine)
-the target of 0.45x it. oneDNN is on, as main.py turns it on for image data (TF_ENABLE_ONEDNN_OPTS=0
-turns it off: one convolution per task).
+the second-order pass), and times each one alone at its real shape twice: as the graph runs it (each
+task with its own kernel: a grouped convolution) and as one plain convolution with the tasks in the
+batch. The latter does the same arithmetic in the fastest form oneDNN offers here, so its sum bounds
+from below any implementation that computes the same exact meta-gradient in float32. All-plain is a
+bound, not a design: a convolution can run plain only where every task uses the same kernel (the
+tiled shared weights: the first inner step's support pass, its input gradients, and their second
+derivatives) or where a filter gradient is summed over the tasks anyway (one that flows only into
+the shared weights' gradient). The "mixed" column times those plain and the rest grouped: the floor
+of the "plain first step" design. Also prints the measured time of the whole meta-update for
+comparison, and with --reference_ms (the reference's ms per meta-iteration, from bench_side_by_side
+on this machine) the target of 0.45x it. oneDNN is on, as main.py turns it on for image data
+(TF_ENABLE_ONEDNN_OPTS=0 turns it off: one convolution per task).
 """
 import argparse
 import collections
@@ -95,13 +95,15 @@ def convolutions_run_by(sess, fetch):
     return convs
 
 
-PASS_THROUGH = ('Identity', 'AddN', 'AddV2', 'Add', 'Reshape', 'Neg', 'ConcatV2')   # ConcatV2: the tasks' gradients
+# Ops a gradient passes through on its way to the shared weights' gradient
+# (ConcatV2: the tasks' gradients joined, without grouped convolution).
+PASS_THROUGH = ('Identity', 'AddN', 'AddV2', 'Add', 'Reshape', 'Neg', 'ConcatV2')
 
 
 def ancestors(fetch):
-    """The operations whose values `fetch` (operations or tensors, nested) needs, themselves included. Control inputs
-    count only on groups (NoOp): tf.gradients puts every gradient of a node behind control
-    dependencies on all its others, including those nothing reads."""
+    """The operations whose values `fetch` (operations or tensors, nested) needs, themselves
+    included. Control inputs count only on groups (NoOp): tf.gradients puts every gradient of a
+    node behind control dependencies on all its others, including those nothing reads."""
     seen = set()
     todo = [getattr(item, 'op', item) for item in tf.nest.flatten(fetch)]
     while todo:
@@ -193,7 +195,8 @@ def report(name, reference_ms=None):
         sess.run(tf1.global_variables_initializer())
         step_ms = median_ms(sess, train_op, 5 if name == 'omniglot20' else 20)
         counts = collections.Counter(convolutions_run_by(sess, train_op))
-    by_kind = collections.defaultdict(lambda: [0, 0, 0.0, 0.0, 0.0])   # count, could be plain, grouped, plain, mixed
+    # count, how many could be plain, ms grouped, ms plain, ms mixed
+    by_kind = collections.defaultdict(lambda: [0, 0, 0.0, 0.0, 0.0])
     for (*conv, could_be_plain_here), count in counts.items():
         grouped_ms = time_convolution(*conv, plain=False)
         plain_ms = time_convolution(*conv, plain=True)

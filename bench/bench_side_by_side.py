@@ -4,16 +4,17 @@
         [--rounds 3] [--sides reference,moments,port,port_tf13] [--iterations N] [--data_root DIR]
 
 For every configuration (the paper's commands, shortened) each round runs the reference as shipped
-(TF 1.15, fused batch norm, in the venv ../shared/reference/run_reference.sh builds), the reference computing
-batch norm from moments (`--moments`, whose meta-gradient on TF 1.15 is TF 1.3's) and this port, one
-after the other, the order turned around every round. `port_tf13` is the port with
+(TF 1.15, fused batch norm, in the venv ../shared/reference/run_reference.sh builds), the reference
+computing batch norm from moments (`--moments`, whose meta-gradient on TF 1.15 is TF 1.3's) and this
+port, one after the other, the order turned around every round. `port_tf13` is the port with
 `--moments_stop_gradient=True`: the same math as `moments`, so `port_tf13 / moments` is the
 same-math ratio (the port's default computes TF 1.2's exact meta-gradient, one more term). Each
 run's time per meta-iteration comes from the moments its progress lines appear (summaries and
-validation included, start-up excluded): from the first printed iteration to the last. Prints the medians over the rounds, the ratios port / reference, and the
-start-up times (process start to "Done initializing"; the port's first run decodes the images,
-later ones read its pixel cache). Nothing else heavy may run meanwhile. Without a Python 3.7 for
-the reference, it says so and prints the port's figures alone.
+validation included, start-up excluded): from the first printed iteration to the last. Prints the
+medians over the rounds, the ratios port / reference, and the start-up times (process start to "Done
+initializing"; the port's first run decodes the images, later ones read its pixel cache). Nothing
+else heavy may run meanwhile. Without a Python 3.7 for the reference, it says so and prints the
+port's figures alone.
 """
 import argparse
 import os

@@ -7,6 +7,7 @@ TensorFlow actually runs (a traced session run), counting the convolutions with 
 bench/bench_conv_floor.py times them with.
 """
 import collections
+import functools
 
 import pytest
 import tensorflow as tf
@@ -18,6 +19,7 @@ tf1 = tf.compat.v1
 TASKS = 2
 
 
+@functools.lru_cache(maxsize=None)   # each graph is built and traced once for all the tests
 def convolutions(num_updates, test_num_updates, fetch_last_step=False, stop_grad=False):
     """Counter of the convolutions one run of the training op (and the last step's loss) executes."""
     config = dict(num_classes=5, meta_batch_size=TASKS, update_batch_size=1, update_lr=0.4,
