@@ -1,6 +1,7 @@
 """Times the paper's training commands as users run them (main.py in a subprocess).
 
     python bench/bench_train.py sinusoid [omniglot5 omniglot20 mini1 mini5] [--data_root DIR]
+    python bench/bench_train.py omniglot20 --startup_only --rounds 5 --data_root data
 
 Prints, per configuration: start-up seconds (process start to the first iteration; the
 `graph` part is main.py's own "Data and graph ready" figure, after imports), steady-state
@@ -8,7 +9,12 @@ milliseconds per meta-iteration (median over the progress intervals after the fi
 resident memory of the process, and what the run wrote (checkpoint and events file sizes).
 Omniglot is prepared from ../shared/data/omniglot into a temporary folder unless --data_root
 already holds omniglot_resized/; MiniImagenet uses generated stand-in images of the real size.
+
+--startup_only stops each run at "Done initializing" and prints only its start-up; with --rounds
+it runs every configuration that many times, interleaved, and prints the first run and the median
+of the later ones (the first may decode the images into the pixel cache; later runs read it).
 """
+import statistics
 import argparse
 import os
 import re
@@ -46,8 +52,9 @@ def prepare_data(kind, data_root):
         make_miniimagenet_prepared(data_root / 'miniImagenet', classes=(64, 16, 20), images_per_class=600)
 
 
-def run(name, data_root, logdir, iterations=None):
-    """One fresh training run of configuration `name`, its figures printed as one line."""
+def run(name, data_root, logdir, iterations=None, startup_only=False):
+    """One fresh training run of configuration `name`, its figures printed as one line (with
+    startup_only: stopped once initialized; returns the start-up seconds)."""
     flags, kind = CONFIGS[name]
     if iterations:
         flags = [f for f in flags if not f.startswith('--metatrain_iterations')]
@@ -66,6 +73,11 @@ def run(name, data_root, logdir, iterations=None):
             graph = float(re.findall(r'[\d.]+', line)[0])
         elif line.startswith('Done initializing') and startup is None:
             startup = time.time() - start
+            if startup_only:
+                proc.kill()
+                proc.wait()
+                print('{:<10s} start-up {:5.1f} s (data+graph {:4.1f} s)'.format(name, startup, graph), flush=True)
+                return startup
         elif 'it/s' in line:
             rates.append(float(line.split()[0]))
     if proc.wait() != 0:
@@ -91,10 +103,25 @@ def main():
     parser.add_argument('--data_root', type=Path, default=None)
     parser.add_argument('--iterations', type=int, default=None,
                         help='override the iterations (101: one progress interval, warm-up included)')
+    parser.add_argument('--startup_only', action='store_true',
+                        help='stop each run once initialized; time the start-up alone')
+    parser.add_argument('--rounds', type=int, default=1, help='with --startup_only: runs per configuration')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data_root or Path(tmp) / 'data'
         data_root.mkdir(parents=True, exist_ok=True)
+        if args.startup_only:
+            startups = {}
+            for _ in range(args.rounds):
+                for name in args.configs:
+                    logs = Path(tmp) / 'logs'
+                    logs.mkdir(exist_ok=True)
+                    startups.setdefault(name, []).append(run(name, data_root, logs, startup_only=True))
+            for name, times in startups.items():
+                later = times[1:] or times
+                print('{:<10s} start-up: first run {:.1f} s, later runs median {:.1f} s (min {:.1f}, max {:.1f}; {} runs)'
+                      .format(name, times[0], statistics.median(later), min(later), max(later), len(later)))
+            return
         for name in args.configs:
             # Each child's peak is reported on its own: RUSAGE_CHILDREN keeps the largest so far,
             # so run memory-heavy configurations last or one at a time.
