@@ -14,11 +14,11 @@ already holds omniglot_resized/; MiniImagenet uses generated stand-in images of 
 it runs every configuration that many times, interleaved, and prints the first run and the median
 of the later ones (the first may decode the images into the pixel cache; later runs read it).
 """
-import statistics
 import argparse
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
