@@ -11,14 +11,15 @@ import numpy as np
 import tensorflow as tf
 
 import special_grads  # noqa: F401  (second derivative of max pooling where TF lacks one)
-from utils import (accuracy, conv_block, fused_bn_grad_supported, grouped_conv_supported, make_norm_params, mse,
-                   normalize, to_task_channels, xent)
+from utils import (accuracy, batch_norm_relu_per_task, conv_block, fused_bn_grad_supported, grouped_conv_supported,
+                   make_norm_params, mse, normalize, per_task_kernel_gradient_probe, to_task_channels, xent)
 
 tf1 = tf.compat.v1
 
 FC_HIDDEN_SINUSOID = [40, 40]
 FC_HIDDEN_IMAGES = [256, 128, 64, 64]
 MINIIMAGENET_GRAD_CLIP = 10.0
+CONV_BIASES = ('b1', 'b2', 'b3', 'b4')
 
 
 @dataclasses.dataclass
@@ -68,6 +69,10 @@ class MAML:
         self.norm_params = None
         self.towers = list(towers) if towers else [None]
         self.param_device = param_device
+        # Batch norm subtracts each channel's mean, so the conv biases before it change nothing: in
+        # the exact math (not TF 1.3's moments) their gradients are 0 and the inner loop leaves them out.
+        self.conv_biases_cancel = (self.use_conv and config.norm == 'batch_norm'
+                                   and not config.moments_stop_gradient)
         self.grouped_conv = grouped_conv_supported(self.towers[0])
         self.fused_bn_grad = fused_bn_grad_supported(self.towers[0])
 
@@ -143,7 +148,11 @@ class MAML:
             features = self._conv_layers_per_task(images, weights)
         else:
             features = self._conv_layers_shared(images, weights)
-        # features: [tasks, examples, H, W, F]
+        return self._conv_head(features, weights)
+
+    def _conv_head(self, features, weights):
+        """features [tasks, examples, H, W, F] -> logits [tasks, examples, N]."""
+        num_tasks = features.shape[0]
         if self.config.datasource == 'miniimagenet':
             _, _, height, width, filters = features.shape
             features = tf.reshape(features, [num_tasks, -1, height * width * filters])
@@ -171,12 +180,41 @@ class MAML:
         num_tasks = images.shape[0]
         x = to_task_channels(images)
         for i in range(4):
-            x = conv_block(x, weights['conv%d' % (i + 1)], weights['b%d' % (i + 1)], num_tasks,
+            x = conv_block(x, weights['conv%d' % (i + 1)], weights.get('b%d' % (i + 1)), num_tasks,
                            self.config.norm, self.norm_params[i], self.config.max_pool, self.grouped_conv,
                            self.fused_bn_grad, self.config.moments_stop_gradient)
         _, height, width, _ = x.shape
         x = tf.reshape(x, [-1, height, width, num_tasks, self.config.num_filters])
         return tf.transpose(x, [3, 0, 1, 2, 4])
+
+    def _support_pass_from_shared_weights(self, inp, weights):
+        """The first inner step's support pass, where every task still has the shared kernels:
+        each layer one plain convolution over all tasks' examples (normalised per task), the head
+        with the per-task `weights`. Returns (output, {kernel name: probe}): the gradient with
+        respect to a probe is each task's own gradient of that kernel (utils.per_task_kernel_gradient_probe)."""
+        num_tasks = inp.shape[0]
+        x = tf.reshape(inp, [-1, self.img_size, self.img_size, self.channels])   # tasks in the batch
+        strides = [1, 1, 1, 1] if self.config.max_pool else [1, 2, 2, 1]
+        probes = {}
+        for i in range(4):
+            name, bias = 'conv%d' % (i + 1), weights.get('b%d' % (i + 1))
+            z = tf.nn.conv2d(x, self.weights[name], strides, 'SAME')
+            z, probes[name] = per_task_kernel_gradient_probe(z, x, num_tasks, strides, self.grouped_conv)
+            per_task = tf.reshape(z, [num_tasks, -1] + z.shape[1:].as_list())
+            if bias is not None:
+                per_task = per_task + tf.reshape(bias, [num_tasks, 1, 1, 1, -1])
+            if self.config.norm == 'batch_norm':
+                per_task = batch_norm_relu_per_task(per_task, self.norm_params[i]['beta'],
+                                                    self.config.moments_stop_gradient)
+            else:
+                per_task = normalize(per_task, self.config.norm, self.norm_params[i], batch_axes=[1, 2, 3],
+                                     feature_axes=[2, 3, 4],
+                                     stop_gradient_in_variance=self.config.moments_stop_gradient)
+            x = tf.reshape(per_task, [-1] + z.shape[1:].as_list())
+            if self.config.max_pool:
+                x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
+        features = tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
+        return self._conv_head(features, weights), probes
 
     def loss_func(self, pred, label):
         if self.classification:
@@ -191,20 +229,25 @@ class MAML:
         (a) turn them into fast weights, and after each step the query set (b) is evaluated.
         Returns (outputa, lossa, [outputb after step j], [lossb after step j]).
 
-        The first `unrolled_steps` (default: all) are built one after another: the meta-gradient
-        goes through them. The rest, which only summaries and evaluation read, run in one
+        The first step starts from the shared weights, so its support pass runs as plain
+        convolutions over all tasks' examples (`_support_pass_from_shared_weights`); later steps
+        convolve each task with its own kernels (grouped). The first `unrolled_steps` (default: all;
+        for conv nets at least the first) are built one after another: the meta-gradient goes through them. The rest, which only summaries and evaluation read, run in one
         tf.while_loop, so their ops are built once instead of once per step: the graph of Omniglot's
         ten reported steps builds in a fraction of the time, and computes the same numbers.
         """
         num_tasks = inputa.shape[0]
         unrolled_steps = num_steps if unrolled_steps is None else min(unrolled_steps, num_steps)
+        if self.use_conv:   # the first step runs from the shared weights (plain convolutions) in every graph
+            unrolled_steps = max(unrolled_steps, min(1, num_steps))
         # The pre-update quantities need no per-task copies: one batch through the shared weights.
         outputa = self.forward(inputa, self.weights)
         lossa = self.loss_func(outputa, labela)
         fast_weights = self.weights_per_task(num_tasks)
         outputbs, lossesb = [], []
-        for _ in range(unrolled_steps):
-            fast_weights, outputb, lossb = self._inner_step(inputa, labela, inputb, labelb, fast_weights)
+        for step in range(unrolled_steps):
+            fast_weights, outputb, lossb = self._inner_step(inputa, labela, inputb, labelb, fast_weights,
+                                                            from_shared_weights=step == 0 and self.use_conv)
             outputbs.append(outputb)
             lossesb.append(lossb)
         if num_steps > unrolled_steps:
@@ -214,10 +257,15 @@ class MAML:
             lossesb += more_lossesb
         return outputa, lossa, outputbs, lossesb
 
-    def _inner_step(self, inputa, labela, inputb, labelb, fast_weights):
-        """One gradient step on the support set; (new fast weights, query output, query loss)."""
-        support_loss = self.loss_func(self.forward(inputa, fast_weights, per_task=True), labela)
-        fast_weights = self._gradient_step(support_loss, fast_weights)
+    def _inner_step(self, inputa, labela, inputb, labelb, fast_weights, from_shared_weights=False):
+        """One gradient step on the support set; (new fast weights, query output, query loss).
+        from_shared_weights: the fast weights are still the shared weights' copies (the first step)."""
+        if from_shared_weights:
+            output, probes = self._support_pass_from_shared_weights(inputa, fast_weights)
+            fast_weights = self._gradient_step(self.loss_func(output, labela), fast_weights, probes)
+        else:
+            support_loss = self.loss_func(self.forward(inputa, fast_weights, per_task=True), labela)
+            fast_weights = self._gradient_step(support_loss, fast_weights)
         outputb = self.forward(inputb, fast_weights, per_task=True)
         return fast_weights, outputb, self.loss_func(outputb, labelb)
 
@@ -243,16 +291,21 @@ class MAML:
         """
         copies = {}
         for name, weight in self.weights.items():
+            if self.conv_biases_cancel and name in CONV_BIASES:
+                continue
             if self.use_conv and name not in ('w5', 'b5'):     # conv1..conv4, b1..b4
                 copies[name] = tf.tile(weight, [1] * (weight.shape.rank - 1) + [num_tasks])
             else:
                 copies[name] = tf.tile(weight[None], [num_tasks] + [1] * weight.shape.rank)
         return copies
 
-    def _gradient_step(self, loss, weights):
+    def _gradient_step(self, loss, weights, stand_ins=None):
+        """weights - update_lr * their gradient of loss; `stand_ins`: tensors whose gradient is that of
+        the weight of the same name (the first step's kernel probes)."""
         # Tasks are independent, so the gradient of the summed loss with respect to task t's copy
         # of the weights is the gradient of task t's own loss.
-        grads = tf.gradients(tf.reduce_sum(loss), list(weights.values()))
+        stand_ins = stand_ins or {}
+        grads = tf.gradients(tf.reduce_sum(loss), [stand_ins.get(k, w) for k, w in weights.items()])
         if self.config.stop_grad:
             grads = [tf.stop_gradient(g) for g in grads]   # first-order MAML
         return {k: w - self.update_lr * g for (k, w), g in zip(weights.items(), grads)}
@@ -345,6 +398,9 @@ class MAML:
         optimizer = tf1.train.AdamOptimizer(self.meta_lr)
         self.gvs = optimizer.compute_gradients(self.total_losses2[self.config.num_updates - 1],
                                                colocate_gradients_with_ops=colocate)
+        if self.conv_biases_cancel:   # exact zeros, not None: Adam keeps its slots (checkpoints unchanged)
+            biases = {self.weights[name].ref() for name in CONV_BIASES}
+            self.gvs = [(tf.zeros_like(v) if g is None and v.ref() in biases else g, v) for g, v in self.gvs]
         gvs = self.gvs
         if self.config.datasource == 'miniimagenet':
             gvs = [(tf.clip_by_value(g, -MINIIMAGENET_GRAD_CLIP, MINIIMAGENET_GRAD_CLIP), v)

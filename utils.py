@@ -84,46 +84,77 @@ def batch_norm_relu_per_channel(x, beta, stop_gradient_in_variance=False):
     which builds several times as many full-size elementwise passes (fused_bn_grad_supported
     says where it is used).
     """
-    channels = x.shape[-1]
-    count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
-    ones = tf.ones([channels], x.dtype)
+    ones = tf.ones([x.shape[-1]], x.dtype)
 
+    def fused_gradient(x, dz, mean, variance):
+        return tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dz, x=x, scale=ones, reserve_space_1=tf.reshape(mean, [-1]),
+            reserve_space_2=tf.reshape(variance, [-1]),
+            reserve_space_3=tf.zeros([0]), epsilon=BATCH_NORM_EPSILON, is_training=True)[:3]
+    return _batch_norm_relu(x, beta, [0, 1, 2], fused_gradient, stop_gradient_in_variance)
+
+
+def batch_norm_relu_per_task(x, beta, stop_gradient_in_variance=False):
+    """relu(batch norm of x [tasks, examples, H, W, F] over each task's examples and positions, +
+    beta [F]): the norm of the first inner step's support pass, whose layout (tasks in the batch)
+    has no fused kernel. Values as `normalize`'s; derivatives written out as in
+    batch_norm_relu_per_channel, with plain reductions in place of the fused gradient kernel."""
+    axes = [1, 2, 3]
+
+    def gradient(x, dz, mean, variance):
+        inv = tf.math.rsqrt(variance + BATCH_NORM_EPSILON)
+        xhat = (x - mean) * inv
+        sum_dz = tf.reduce_sum(dz, axes, keepdims=True)
+        sum_dz_xhat = tf.reduce_sum(dz * xhat, axes, keepdims=True)
+        count = _count(x, axes)
+        return inv * (dz - sum_dz / count - xhat * (sum_dz_xhat / count)), sum_dz_xhat, sum_dz
+    return _batch_norm_relu(x, beta, axes, gradient, stop_gradient_in_variance)
+
+
+def _count(x, axes):
+    return tf.cast(tf.reduce_prod([tf.shape(x)[a] for a in axes]), x.dtype)
+
+
+def _batch_norm_relu(x, beta, axes, first_gradient, stop_gradient_in_variance):
+    """relu(batch norm of x over `axes` + beta), its gradient and that gradient's gradient.
+
+    first_gradient(x, dz, mean, variance) -> (dx, sum(dz * xhat), sum(dz)) of z = xhat + beta,
+    the sums over `axes` with the dimensions kept.
+    """
     @tf.custom_gradient
     def forward(x, beta):
-        mean, variance = tf.nn.moments(x, [0, 1, 2])
+        mean, variance = tf.nn.moments(x, axes, keepdims=True)
         y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, beta, None, BATCH_NORM_EPSILON))
 
-        def fused_gradient(dz):
-            """(dx, sum(dz * xhat), sum(dz)) of z = xhat + beta."""
-            return tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dz, x=x, scale=ones, reserve_space_1=mean, reserve_space_2=variance,
-                reserve_space_3=tf.zeros([0]), epsilon=BATCH_NORM_EPSILON, is_training=True)[:3]
-
         def grad(dy):
-            return _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient,
-                                             stop_gradient_in_variance)
+            dx, sum_g = _batch_norm_relu_backward(dy, x, beta, y, mean, variance, axes, first_gradient,
+                                                  stop_gradient_in_variance)
+            # sum_g: per channel, with the dimensions of x (per task: beta's gradient sums the tasks)
+            return dx, tf.reduce_sum(tf.reshape(sum_g, [-1, sum_g.shape[-1]]), 0)
         return y, grad
     return forward(x, beta)
 
 
-def _batch_norm_relu_backward(dy, x, beta, y, mean, variance, count, fused_gradient, stop_gradient_in_variance):
-    """(dx, dbeta) of batch_norm_relu_per_channel, with its own gradient.
+def _batch_norm_relu_backward(dy, x, beta, y, mean, variance, axes, first_gradient, stop_gradient_in_variance):
+    """(dx, dbeta per channel) of _batch_norm_relu, with its own gradient.
 
     With g = dy * relu'(z), a = mean(g), b = mean(g * xhat) per channel:
     dx = inv * (g - a - b * xhat). Its derivative is that of TF's autodiff of `moments`: exact, or
     with stop_gradient_in_variance lacking the term inv^2 * b * mean(h) (TF 1.3 and later).
     """
+    count = _count(x, axes)
+
     @tf.custom_gradient
     def backward(dy, x, beta):
         g = tf.raw_ops.ReluGrad(gradients=dy, features=y)
-        dx, sum_g_xhat, sum_g = fused_gradient(g)
+        dx, sum_g_xhat, sum_g = first_gradient(x, g, mean, variance)
 
         def grad(h, h_beta):
             inv = tf.math.rsqrt(variance + BATCH_NORM_EPSILON)
             a, b = sum_g / count, sum_g_xhat / count
-            d_g, sum_h_xhat, sum_h = fused_gradient(h)     # d_g = inv * (h - mean_h - c * xhat)
+            d_g, sum_h_xhat, sum_h = first_gradient(x, h, mean, variance)   # d_g = inv * (h - mean_h - c * xhat)
             c, mean_h = sum_h_xhat / count, sum_h / count
-            mean_hg = tf.reduce_sum(h * g, [0, 1, 2]) / count
+            mean_hg = tf.reduce_sum(h * g, axes, keepdims=True) / count
             xhat = (x - mean) * inv
             inv2 = tf.square(inv)
             per_channel = c * a if stop_gradient_in_variance else c * a + b * mean_h   # exact: + b * mean_h
@@ -192,16 +223,48 @@ def conv_per_task(x, kernel, num_tasks, strides, grouped):
     return tf.concat([tf.nn.conv2d(i, k, strides, 'SAME') for i, k in zip(inputs, kernels)], axis=3)
 
 
+def per_task_kernel_gradient_probe(z, x, num_tasks, strides, grouped=True):
+    """(z, probe): z = conv(x, kernel shared by every task) passed through unchanged, and a zero
+    tensor [3, 3, C, tasks*F] whose gradient is each task's own gradient of that kernel.
+
+    x, z: [tasks*examples, H, W, channels], tasks in the batch (plain convolutions). Where every
+    task starts from the same kernel, the convolution and its input gradient run as one plain
+    convolution (oneDNN runs those 1.6x faster than grouped ones, and reorders a kernel a task's
+    size instead of one per task); only the filter gradient is per task: grouped, after moving the
+    tasks into the channels, or one filter gradient per task without grouped convolution.
+    """
+    kernel_shape = [3, 3, x.shape[-1], num_tasks * z.shape[-1]]
+    probe = tf.zeros(kernel_shape, z.dtype)
+
+    @tf.custom_gradient
+    def passthrough(z, x, probe):
+        def grad(dz):
+            if grouped:
+                per_task = lambda t: to_task_channels(tf.reshape(t, [num_tasks, -1] + t.shape[1:].as_list()))
+                d_kernel = tf1.nn.conv2d_backprop_filter(per_task(x), kernel_shape, per_task(dz), strides, 'SAME')
+            else:
+                d_kernel = tf.concat([tf1.nn.conv2d_backprop_filter(xt, kernel_shape[:3] + [z.shape[-1]], dzt,
+                                                                    strides, 'SAME')
+                                      for xt, dzt in zip(tf.split(x, num_tasks), tf.split(dz, num_tasks))], axis=3)
+            return dz, None, d_kernel
+        return tf.identity(z), grad
+    return passthrough(z, x, probe), probe
+
+
 def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=True, fused_bn_grad=False,
                stop_gradient_in_variance=False):
     """conv (+bias) -> normalisation -> ReLU (-> 2x2 max pool), every task with its own kernel.
 
-    x: [examples, H, W, tasks*C]; kernel: [3, 3, C, tasks*F]; bias: [tasks*F].
+    x: [examples, H, W, tasks*C]; kernel: [3, 3, C, tasks*F]; bias: [tasks*F], or None (no bias).
     stop_gradient_in_variance: see `moments`.
     """
     strides = [1, 1, 1, 1] if max_pool else [1, 2, 2, 1]
-    x = conv_per_task(x, kernel, num_tasks, strides, grouped) + bias
-    if norm == 'batch_norm' and fused_bn_grad:
+    x = conv_per_task(x, kernel, num_tasks, strides, grouped)
+    if bias is not None:
+        x = x + bias
+    # Not before max pooling: there (MiniImagenet, oneDNN on) TF's graph optimizer (its arithmetic
+    # pass) leaves the second-order meta-gradient about 1% off; tests/test_first_step.py checks it.
+    if norm == 'batch_norm' and fused_bn_grad and not max_pool:
         # Each channel of x is one task's filter: per-channel statistics are per-task ones.
         x = batch_norm_relu_per_channel(x, tf.tile(norm_params['beta'], [num_tasks]), stop_gradient_in_variance)
     else:

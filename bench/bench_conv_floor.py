@@ -4,18 +4,19 @@
 
 Builds the training graph of the paper's command (random inputs: no data needed), lists every
 convolution that one traced meta-update runs (forward, backprop-input, backprop-filter, and those of
-the second-order pass), and times each one alone at its real shape twice: as the graph runs it (each
-task with its own kernel: a grouped convolution) and as one plain convolution with the tasks in the
-batch. The latter does the same arithmetic in the fastest form oneDNN offers here, so its sum bounds
-from below any implementation that computes the same exact meta-gradient in float32. All-plain is a
-bound, not a design: a convolution can run plain only where every task uses the same kernel (the
-tiled shared weights: the first inner step's support pass, its input gradients, and their second
-derivatives) or where a filter gradient is summed over the tasks anyway (one that flows only into
-the shared weights' gradient). The "mixed" column times those plain and the rest grouped: the floor
-of the "plain first step" design. Also prints the measured time of the whole meta-update for
-comparison, and with --reference_ms (the reference's ms per meta-iteration, from bench_side_by_side
-on this machine) the target of 0.45x it. oneDNN is on, as main.py turns it on for image data
-(TF_ENABLE_ONEDNN_OPTS=0 turns it off: one convolution per task).
+the second-order pass), and times each one alone at its real shape: as the graph runs it (one
+plain convolution where every task has the same kernel, else each task with its own kernel: a
+grouped convolution) and as one plain convolution with the tasks in the batch. The latter does the
+same arithmetic in the fastest form oneDNN offers here, so its sum bounds from below any
+implementation that computes the same exact meta-gradient in float32. All-plain is a bound, not a
+design: a convolution can run plain only where every task uses the same kernel (the first inner
+step's support pass from the shared weights, its input gradients, and their second derivatives:
+those already run plain) or where a filter gradient is summed over the tasks anyway (one that
+flows only into the shared weights' gradient). The "mixed" column times all of those plain and the
+rest grouped. Also prints the measured time of the whole meta-update for comparison, and with
+--reference_ms (the reference's ms per meta-iteration, from bench_side_by_side on this machine) the
+target of 0.45x it. oneDNN is on, as main.py turns it on for image data (TF_ENABLE_ONEDNN_OPTS=0
+turns it off: one convolution per task).
 """
 import argparse
 import collections
@@ -75,9 +76,11 @@ def build_training_graph(config, test_num_updates=10, towers=None, param_device=
     return graph, model
 
 
-def convolutions_run_by(sess, fetch):
+def convolutions_run_by(sess, fetch, all_examples):
     """(kind, input-side shape, kernel shape, strides, could_be_plain) of every convolution one run
-    of `fetch` executes, read from a traced run (so what grappler pruned is not counted)."""
+    of `fetch` executes, read from a traced run (so what grappler pruned is not counted).
+    all_examples: the number of support (or query) examples of all tasks together, the batch of a
+    convolution that runs plain."""
     options = tf1.RunOptions(trace_level=tf1.RunOptions.FULL_TRACE)
     metadata = tf1.RunMetadata()
     sess.run(fetch, options=options, run_metadata=metadata)
@@ -91,7 +94,7 @@ def convolutions_run_by(sess, fetch):
             op = traced_operation(graph, node.node_name)
             if op.type not in CONV_OPS:   # conv + bias fused by grappler, named after the add
                 op = next(t.op for t in op.inputs if t.op.type in CONV_OPS)
-            convs.append(describe(op) + (could_be_plain(op, needed),))
+            convs.append(describe(op) + (could_be_plain(op, needed, all_examples),))
     return convs
 
 
@@ -116,11 +119,20 @@ def ancestors(fetch):
     return seen
 
 
-def could_be_plain(op, needed):
-    """Whether `op` could run as one plain convolution: its kernel is the same for every task
-    (the tiled shared weights), or, for a filter gradient, its output only reaches the shared
-    weights' gradient (the sum over tasks that Tile's gradient takes). `needed`: the operations the
-    fetch depends on; paths through any other are dead."""
+def runs_plain(conv, all_examples):
+    """Whether convolution `conv` (describe's shapes) runs as one plain convolution: all tasks'
+    examples in its batch, one kernel (not a grouped one, nor one task's piece of the batch)."""
+    _, x, kernel, _ = conv[:4]
+    return x[0] == all_examples and x[-1] == kernel[2]
+
+
+def could_be_plain(op, needed, all_examples):
+    """Whether `op` runs, or could run, as one plain convolution: its kernel is the same for every
+    task (the shared weights, or their tiled copies), or, for a filter gradient, its output only
+    reaches the shared weights' gradient (the sum over tasks that Tile's gradient takes). `needed`:
+    the operations the fetch depends on; paths through any other are dead."""
+    if runs_plain(describe(op), all_examples):
+        return True
     if op.type != 'Conv2DBackpropFilter':
         kernel = op.inputs[1].op
         while kernel.type in ('Identity', 'Split'):   # Split: one task's kernel, without grouped convolution
@@ -164,7 +176,7 @@ def describe(node):
 
 
 def time_convolution(kind, x_shape, kernel_shape, strides, plain, runs=20):
-    """Milliseconds of one convolution alone, grouped as in the graph or as one plain convolution."""
+    """Milliseconds of one convolution alone, as the graph runs it (grouped or plain) or as one plain convolution."""
     batch, height, width, channels_all = x_shape
     kh, kw, channels, filters_all = kernel_shape
     groups = channels_all // channels
@@ -194,29 +206,31 @@ def report(name, reference_ms=None):
     with tf1.Session(graph=graph) as sess:
         sess.run(tf1.global_variables_initializer())
         step_ms = median_ms(sess, train_op, 5 if name == 'omniglot20' else 20)
-        counts = collections.Counter(convolutions_run_by(sess, train_op))
-    # count, how many could be plain, ms grouped, ms plain, ms mixed
-    by_kind = collections.defaultdict(lambda: [0, 0, 0.0, 0.0, 0.0])
+        all_examples = config['meta_batch_size'] * config['num_classes'] * config['update_batch_size']
+        counts = collections.Counter(convolutions_run_by(sess, train_op, all_examples))
+    # count, how many run plain, how many could be plain, ms as run, ms all plain, ms mixed
+    by_kind = collections.defaultdict(lambda: [0, 0, 0, 0.0, 0.0, 0.0])
     for (*conv, could_be_plain_here), count in counts.items():
-        grouped_ms = time_convolution(*conv, plain=False)
+        as_run_ms = time_convolution(*conv, plain=False)
         plain_ms = time_convolution(*conv, plain=True)
         entry = by_kind[conv[0]]
         entry[0] += count
-        entry[1] += count if could_be_plain_here else 0
-        entry[2] += count * grouped_ms
-        entry[3] += count * plain_ms
-        entry[4] += count * (plain_ms if could_be_plain_here else grouped_ms)
+        entry[1] += count if runs_plain(conv, all_examples) else 0
+        entry[2] += count if could_be_plain_here else 0
+        entry[3] += count * as_run_ms
+        entry[4] += count * plain_ms
+        entry[5] += count * (plain_ms if could_be_plain_here else as_run_ms)
     print('{}: {} convolutions per meta-update'.format(name, sum(counts.values())))
-    for kind, (count, plain_count, grouped_ms, plain_ms, mixed_ms) in sorted(by_kind.items()):
-        print('  {:<22s} x{:<3d} ({:2d} could be plain) alone: {:7.1f} ms grouped, {:7.1f} ms plain, '
-              '{:7.1f} ms mixed'.format(kind, count, plain_count, grouped_ms, plain_ms, mixed_ms))
-    grouped_total, plain_total, mixed_total = (sum(v[i] for v in by_kind.values()) for i in (2, 3, 4))
-    print('  convolutions alone: {:.1f} ms grouped (as run), {:.1f} ms mixed (plain where the kernel is '
-          'shared), {:.1f} ms all plain (the bound)'.format(grouped_total, mixed_total, plain_total))
+    for kind, (count, plain_now, plain_count, as_run_ms, plain_ms, mixed_ms) in sorted(by_kind.items()):
+        print('  {:<22s} x{:<3d} ({:2d} run plain, {:2d} could) alone: {:7.1f} ms as run, {:7.1f} ms plain, '
+              '{:7.1f} ms mixed'.format(kind, count, plain_now, plain_count, as_run_ms, plain_ms, mixed_ms))
+    as_run_total, plain_total, mixed_total = (sum(v[i] for v in by_kind.values()) for i in (3, 4, 5))
+    print('  convolutions alone: {:.1f} ms as run, {:.1f} ms mixed (plain wherever the kernel is shared or '
+          'the filter gradient summed), {:.1f} ms all plain (the bound)'.format(as_run_total, mixed_total, plain_total))
     comparison = ' | reference {:.1f} ms, target ({}x) {:.1f} ms'.format(
         reference_ms, TARGET_RATIO, TARGET_RATIO * reference_ms) if reference_ms else ''
     print('  whole meta-update: {:.1f} ms measured; with the mixed convolutions and the rest as now '
-          '(if no layout change cost anything): {:.1f} ms{}'.format(step_ms, step_ms - grouped_total + mixed_total,
+          '(if no layout change cost anything): {:.1f} ms{}'.format(step_ms, step_ms - as_run_total + mixed_total,
                                                                    comparison))
     sys.stdout.flush()
 

@@ -146,7 +146,7 @@ def main():
         sides = [s for s in sides if s in PORT_SIDES] or ['port']
     first_port = next((s for s in sides if s in PORT_SIDES), None)   # its first run decodes the images
     tmp = Path(tempfile.mkdtemp(prefix='side_by_side_'))
-    data_root = args.data_root or tmp / 'data'
+    data_root = (args.data_root or tmp / 'data').resolve()   # the reference's copy links to it from elsewhere
     data_root.mkdir(parents=True, exist_ok=True)
     results = {}   # (config, side) -> [(startup, ms)]
     try:

@@ -1,18 +1,21 @@
-"""batch_norm_relu_per_channel (fused gradient kernel, hand-written second derivative) against
+"""batch_norm_relu_per_channel (fused gradient kernel, hand-written second derivative) and
+batch_norm_relu_per_task (the same derivatives with plain reductions, tasks in the batch) against
 TF's autodiff of `normalize`, in both of its formulations: the moments of TF 1.1/1.2 (exact
 derivatives, the default) and of TF 1.3 and later (stop_gradient on the mean in the variance).
 
-Truth is autodiff in float64; the fast version (float32 only: the fused kernel has no float64)
-must be as accurate as autodiff in float32, for values, first and second derivatives.
+Truth is autodiff in float64; the fast versions must be as accurate as autodiff in float32, for
+values, first and second derivatives. The per-task version also runs in float64 (the fused kernel
+has none), where it must agree with autodiff to rounding: its formulas are the same.
 """
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from utils import batch_norm_relu_per_channel, normalize
+from utils import batch_norm_relu_per_channel, batch_norm_relu_per_task, normalize
 
 tf1 = tf.compat.v1
 SHAPE = (5, 6, 6, 12)   # examples, H, W, tasks * filters
+PER_TASK_SHAPE = (3, 5, 6, 6, 4)   # tasks, examples, H, W, filters
 
 
 def derivatives(batch_norm, x_value, beta_value, dtype):
@@ -21,24 +24,35 @@ def derivatives(batch_norm, x_value, beta_value, dtype):
     with tf.Graph().as_default():
         x = tf.constant(x_value, dtype)
         beta = tf.constant(beta_value, dtype)
-        w, v = (tf.constant(rng.randn(*SHAPE), dtype) for _ in range(2))
+        w, v = (tf.constant(rng.randn(*x_value.shape), dtype) for _ in range(2))
         y = batch_norm(x, beta)
         # y ** 2 makes dy depend on x as well, as in the inner loop's losses.
         dx, dbeta = tf.gradients(tf.reduce_sum(w * y) + tf.reduce_sum(y ** 2), [x, beta])
-        weight = tf.range(SHAPE[-1], dtype=dtype)
+        weight = tf.range(beta_value.shape[-1], dtype=dtype)
         loss2 = tf.reduce_sum(v * dx) + tf.reduce_sum(dx ** 2) + tf.reduce_sum(dbeta * weight)
         ddx, ddbeta = tf.gradients(loss2, [x, beta])
         with tf1.Session() as sess:
             return [np.asarray(t, np.float64) for t in sess.run([y, dx, dbeta, ddx, ddbeta])]
 
 
-def autodiff(stop_gradient_in_variance):
-    return lambda x, beta: normalize(x, 'batch_norm', {'beta': beta}, batch_axes=[0, 1, 2], feature_axes=[1, 2, 3],
+def autodiff(stop_gradient_in_variance, layout='per_channel'):
+    axes = [0, 1, 2] if layout == 'per_channel' else [1, 2, 3]
+    return lambda x, beta: normalize(x, 'batch_norm', {'beta': beta}, batch_axes=axes, feature_axes=None,
                                      stop_gradient_in_variance=stop_gradient_in_variance)
 
 
-def fast_version(stop_gradient_in_variance):
-    return lambda x, beta: batch_norm_relu_per_channel(x, beta, stop_gradient_in_variance)
+def fast_version(stop_gradient_in_variance, layout='per_channel'):
+    function = batch_norm_relu_per_channel if layout == 'per_channel' else batch_norm_relu_per_task
+    return lambda x, beta: function(x, beta, stop_gradient_in_variance)
+
+
+def inputs(layout, contrast, rng):
+    shape = SHAPE if layout == 'per_channel' else PER_TASK_SHAPE
+    if contrast == 'normal':
+        x = rng.randn(*shape)
+    else:   # Omniglot's first layer: a large common level, tiny variations (variance << epsilon)
+        x = 0.5 + 1e-3 * rng.randn(*shape)
+    return x, 0.3 * rng.randn(shape[-1])
 
 
 def exact(x, beta):
@@ -48,18 +62,14 @@ def exact(x, beta):
     return tf.nn.relu((x - mean) * tf.math.rsqrt(variance + 1e-3) + beta)
 
 
+@pytest.mark.parametrize('layout', ['per_channel', 'per_task'])
 @pytest.mark.parametrize('stop_gradient_in_variance', [False, True])
 @pytest.mark.parametrize('contrast', ['normal', 'low'])
-def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast, stop_gradient_in_variance):
-    rng = np.random.RandomState(0)
-    if contrast == 'normal':
-        x = rng.randn(*SHAPE)
-    else:   # Omniglot's first layer: a large common level, tiny variations (variance << epsilon)
-        x = 0.5 + 1e-3 * rng.randn(*SHAPE)
-    beta = 0.3 * rng.randn(SHAPE[-1])
-    truth = derivatives(autodiff(stop_gradient_in_variance), x, beta, tf.float64)
-    autodiff32 = derivatives(autodiff(stop_gradient_in_variance), x, beta, tf.float32)
-    fast = derivatives(fast_version(stop_gradient_in_variance), x, beta, tf.float32)
+def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast, stop_gradient_in_variance, layout):
+    x, beta = inputs(layout, contrast, np.random.RandomState(0))
+    truth = derivatives(autodiff(stop_gradient_in_variance, layout), x, beta, tf.float64)
+    autodiff32 = derivatives(autodiff(stop_gradient_in_variance, layout), x, beta, tf.float32)
+    fast = derivatives(fast_version(stop_gradient_in_variance, layout), x, beta, tf.float32)
     for name, want, slow, got in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], truth, autodiff32, fast):
         scale = np.abs(want).max()
         # Low contrast, 8x: the fast version takes its moments as tf.nn.moments does, so there its
@@ -85,3 +95,12 @@ def test_tf12_moments_give_the_exact_second_derivative_and_tf13_moments_do_not()
     for stop_gradient_in_variance, want in ((False, exact_second), (True, tf13)):
         fast = derivatives(fast_version(stop_gradient_in_variance), x, beta, tf.float32)[3]
         assert np.abs(fast - want).max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize('stop_gradient_in_variance', [False, True])
+def test_per_task_version_in_float64_is_autodiff_to_rounding(stop_gradient_in_variance):
+    x, beta = inputs('per_task', 'normal', np.random.RandomState(3))
+    truth = derivatives(autodiff(stop_gradient_in_variance, 'per_task'), x, beta, tf.float64)
+    got = derivatives(fast_version(stop_gradient_in_variance, 'per_task'), x, beta, tf.float64)
+    for name, want, value in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], truth, got):
+        assert np.abs(value - want).max() <= 1e-10 * max(np.abs(want).max(), 1.0), name

@@ -12,11 +12,12 @@ import functools
 import pytest
 import tensorflow as tf
 
-from bench.bench_conv_floor import build_training_graph, convolutions_run_by
+from bench.bench_conv_floor import build_training_graph, convolutions_run_by, runs_plain
 from utils import grouped_conv_supported
 
 tf1 = tf.compat.v1
 TASKS = 2
+EXAMPLES = TASKS * 5   # 5-way 1-shot: the support (and query) examples of all tasks
 
 
 @functools.lru_cache(maxsize=None)   # each graph is built and traced once for all the tests
@@ -28,7 +29,7 @@ def convolutions(num_updates, test_num_updates, fetch_last_step=False, stop_grad
     with tf1.Session(graph=graph) as sess:
         sess.run(tf1.global_variables_initializer())
         fetch = [model.metatrain_op] + ([model.total_losses2[-1]] if fetch_last_step else [])
-        return collections.Counter(convolutions_run_by(sess, fetch))
+        return collections.Counter(convolutions_run_by(sess, fetch, EXAMPLES))
 
 
 @pytest.mark.parametrize('num_updates', [1, 2])
@@ -45,30 +46,40 @@ def test_convolutions_of_one_step_meta_update():
     # 4 layers. First order: support forward, filter and input gradients (the inner step), then
     # query forward, filter and input gradients: 4 + 4 + 3 + 4 + 4 + 3 = 22, since nothing needs
     # the gradient with respect to the images. Second order adds 20 for the differentiated inner
-    # step: 42. Without grouped convolution (oneDNN off) every task has its own convolutions.
-    per_layer_op = 1 if grouped_conv_supported() else TASKS
+    # step: 42. Without grouped convolution (oneDNN off) every task has its own convolutions where
+    # the kernels differ.
+    # The first step's convolutions with the shared kernels run plain whatever the CPU (7 of first
+    # order's 22, 20 of second order's 42).
+    per_task_op = 1 if grouped_conv_supported() else TASKS
     first_order = convolutions(1, test_num_updates=10, stop_grad=True)
     second_order = convolutions(1, test_num_updates=10)
-    assert sum(first_order.values()) == 22 * per_layer_op
-    assert sum(second_order.values()) == 42 * per_layer_op
+    assert sum(first_order.values()) == 7 + 15 * per_task_op
+    assert sum(second_order.values()) == 20 + 22 * per_task_op
 
 
 def could_be_plain_count(counter):
     return sum(count for conv, count in counter.items() if conv[-1])
 
 
-def test_convolutions_that_could_run_plain_are_those_of_the_shared_kernels():
+def runs_plain_count(counter):
+    return sum(count for conv, count in counter.items() if runs_plain(conv, EXAMPLES))
+
+
+def test_the_first_steps_shared_kernel_convolutions_run_plain():
     # Second order: of the first inner step, the support forward (4) and input gradients (3) use
     # the shared kernels, and so do their derivatives in the meta-gradient: those of the input
-    # gradients (3 + 3) and of the forward (3 input, 4 filter gradients, summed over tasks): 20 of 42.
-    # First order: the support forward and input gradients (7), and the query pass's filter
-    # gradients (4), which only the shared weights' gradient reads: 11 of 22.
-    # Without grouped convolution (oneDNN off) each of these is one convolution per task.
-    per_layer_op = 1 if grouped_conv_supported() else TASKS
-    assert could_be_plain_count(convolutions(1, test_num_updates=10)) == 20 * per_layer_op
-    assert could_be_plain_count(convolutions(1, test_num_updates=10, stop_grad=True)) == 11 * per_layer_op
+    # gradients (3 + 3) and of the forward (3 input, 4 filter gradients, summed over tasks): 20 of
+    # 42, and all 20 run as one plain convolution over every task's examples. First order: the
+    # support forward and input gradients run plain (7); the query pass's filter gradients (4), which
+    # only the shared weights' gradient reads, could too: 11 of 22.
+    second_order = convolutions(1, test_num_updates=10)
+    first_order = convolutions(1, test_num_updates=10, stop_grad=True)
+    # Without grouped convolution (oneDNN off) the others are one convolution per task.
+    per_task_op = 1 if grouped_conv_supported() else TASKS
+    assert runs_plain_count(second_order) == could_be_plain_count(second_order) == 20
+    assert runs_plain_count(first_order) == 7 and could_be_plain_count(first_order) == 7 + 4 * per_task_op
     # A second inner step starts from per-task weights: nothing of it is shared.
-    assert could_be_plain_count(convolutions(2, test_num_updates=2)) == 20 * per_layer_op
+    assert could_be_plain_count(convolutions(2, test_num_updates=2)) == 20
 
 
 def test_steps_nothing_differentiates_are_one_loop_with_the_unrolled_numbers():
