@@ -47,14 +47,25 @@ def _runs_convolutions(argv):
     return False
 
 
-if platform.machine().lower() in ('x86_64', 'amd64') and (
-        _runs_convolutions(sys.argv[1:]) or any(a.startswith('--job_name') for a in sys.argv[1:])):
-    # TensorFlow turns oneDNN on by itself only on CPUs with AVX-512 VNNI or newer. On others (AVX2)
-    # the conv nets need it too: grouped convolution, 3x faster graph building, less memory, and
-    # 15-20% faster meta-updates (measured on a 2-core AVX2 AMD EPYC); so do cluster workers, which
-    # may be sent a conv net. The sinusoid's small dense net runs faster without it.
-    # TF_ENABLE_ONEDNN_OPTS=0 still turns it off.
-    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
+def onednn_default(argv, machine, as_script):
+    """What main.py sets TF_ENABLE_ONEDNN_OPTS to where the user has not: '1', '0' or None (no change).
+
+    TensorFlow turns oneDNN on by itself only on x86 CPUs with AVX-512 VNNI or newer. On others
+    (AVX2) the conv nets need it too: grouped convolution, 3x faster graph building, less memory,
+    and 15-20% faster meta-updates (measured on a 2-core AVX2 AMD EPYC); so do cluster workers,
+    which may be sent a conv net. The sinusoid's small dense net runs faster without it, on those
+    newer CPUs too (1.2 against 1.7 ms per meta-iteration on an AVX-512 Xeon); that is set only in
+    main.py's own process, not where a test imports it (its children would inherit it)."""
+    if machine.lower() not in ('x86_64', 'amd64'):
+        return None
+    if _runs_convolutions(argv) or any(a.startswith('--job_name') for a in argv):
+        return '1'
+    return '0' if as_script else None
+
+
+_ONEDNN = onednn_default(sys.argv[1:], platform.machine(), __name__ == '__main__')
+if _ONEDNN is not None:
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', _ONEDNN)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -105,6 +116,9 @@ flags.DEFINE_float('train_update_lr', -1, 'value of inner gradient step step dur
 
 ## Added by this port
 flags.DEFINE_string('devices', '', 'split each meta-batch over these devices: /gpu:0,/gpu:1 (or /cpu:0,/cpu:1), or a count of GPUs')
+flags.DEFINE_integer('cpu_towers', 0, 'on a machine without GPUs, split each training meta-batch of images into this many '
+                     'towers, each operation on one thread (0: one per core, the most that divide --meta_batch_size; '
+                     '1: one, with TensorFlow\'s default threads)')
 flags.DEFINE_string('cluster', '', 'HOST:PORT,HOST:PORT of the worker processes to split each meta-batch over')
 flags.DEFINE_string('job_name', '', 'worker: serve this machine\'s devices to a chief (with --cluster, --task_index)')
 flags.DEFINE_integer('task_index', 0, 'which worker of --cluster this process is')
@@ -156,6 +170,8 @@ def check_flags(f):
     if f.datasource == 'miniimagenet' and f.conv and not f.max_pool:
         raise UserError('--datasource=miniimagenet needs --max_pool=True: its head expects the 5x5 map '
                         'that four 2x2 max pools leave of 84x84 images')
+    if f.cpu_towers < 0:
+        raise UserError('--cpu_towers={} must be 0 (one per core) or a number of towers'.format(f.cpu_towers))
     if f.devices and f.cluster:
         raise UserError('--devices and --cluster both split the meta-batch; use one of them')
     if f.train and f.pretrain_iterations + f.metatrain_iterations == 0:
@@ -508,6 +524,11 @@ def make_placement(f):
         placement = devices.cluster_placement(f.cluster, f.chief_address or None)
     elif f.devices:
         placement = devices.local_placement(f.devices)
+    elif f.train and f.datasource != 'sinusoid' and not tf.config.list_physical_devices('GPU'):
+        if f.cpu_towers and f.meta_batch_size % f.cpu_towers:
+            raise UserError('--meta_batch_size={} does not split into --cpu_towers={} equal parts; use a divisor of '
+                            'it, or 0 (one tower per core)'.format(f.meta_batch_size, f.cpu_towers))
+        return devices.core_towers(f.meta_batch_size, f.cpu_towers or None)
     else:
         return devices.single_device()
     if f.train and f.meta_batch_size % len(placement.towers):

@@ -73,6 +73,16 @@ def test_main_turns_onednn_on_for_image_data_only():
     assert not main._runs_convolutions(['--norm=None'])      # the default data source is the sinusoid
 
 
+def test_main_turns_onednn_off_for_the_sinusoid_in_its_own_process_only():
+    import main
+    assert main.onednn_default(['--datasource=omniglot'], 'x86_64', as_script=False) == '1'
+    assert main.onednn_default(['--job_name=worker', '--cluster=h:1'], 'x86_64', as_script=True) == '1'
+    assert main.onednn_default(['--datasource=sinusoid'], 'x86_64', as_script=True) == '0'
+    assert main.onednn_default([], 'AMD64', as_script=True) == '0'
+    assert main.onednn_default(['--datasource=sinusoid'], 'x86_64', as_script=False) is None   # imported by a test
+    assert main.onednn_default(['--datasource=omniglot'], 'aarch64', as_script=True) is None
+
+
 def test_checker_command_fails_on_a_perturbed_case(tmp_path):
     case = tmp_path / 'sine_perturbed'
     shutil.copytree(GOLDEN / 'cases' / 'sine_k10_2steps', case)

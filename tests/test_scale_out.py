@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -90,6 +91,38 @@ def test_two_towers_on_logical_cpus_give_the_one_device_meta_update(case, single
     got = golden.compute_case(str(GOLDEN / 'cases' / case), placement)
     assert_same_meta_update(case, got, single_device[case])
     assert golden.compare(str(GOLDEN / 'cases' / case), got)[0][1] <= 1.0
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_one_tower_per_core_gives_the_one_device_meta_update(case, single_device):
+    placement = devices.core_towers(4, count=2)    # the cases' meta-batches hold 4 tasks
+    assert placement.towers == ['/device:CPU:0'] * 2
+    assert (placement.config.inter_op_parallelism_threads, placement.config.intra_op_parallelism_threads) == (2, 1)
+    got = golden.compute_case(str(GOLDEN / 'cases' / case), placement)
+    assert_same_meta_update(case, got, single_device[case])
+    assert golden.compare(str(GOLDEN / 'cases' / case), got)[0][1] <= 1.0
+
+
+@pytest.mark.parametrize('cores, meta_batch_size, towers', [(2, 32, 2), (2, 16, 2), (3, 32, 2), (8, 12, 6), (2, 5, 1),
+                                                            (4, 1, 1), (1, 32, 1)])
+def test_one_tower_per_core_that_divides_the_meta_batch(monkeypatch, cores, meta_batch_size, towers):
+    monkeypatch.setattr(devices, 'usable_cores', lambda: cores)
+    placement = devices.core_towers(meta_batch_size)
+    assert len(placement.towers or [None]) == towers
+    assert (placement.config is None) == (towers == 1)    # one tower: TensorFlow's default threads
+
+
+def test_main_trains_image_data_on_one_tower_per_core(monkeypatch):
+    import main
+    monkeypatch.setattr(devices, 'usable_cores', lambda: 2)
+    f = types.SimpleNamespace(datasource='omniglot', train=True, meta_batch_size=32, cpu_towers=0, devices='', cluster='')
+    assert main.make_placement(f).towers == ['/device:CPU:0'] * 2
+    f.cpu_towers = 1
+    assert main.make_placement(f).towers is None
+    f.cpu_towers, f.datasource = 0, 'sinusoid'      # overhead-bound: towers would only add operations
+    assert main.make_placement(f).towers is None
+    f.datasource, f.train, f.meta_batch_size = 'omniglot', False, 1     # evaluation: one task at a time
+    assert main.make_placement(f).towers is None
 
 
 def test_two_loopback_workers_give_the_one_device_meta_update(workers, single_device, tmp_path):
@@ -206,6 +239,9 @@ def golden_free_check(path):
     (SINE + ['--devices=/cpu:0', '--cluster=127.0.0.1:1'], ['--devices and --cluster']),
     (SINE + ['--cluster=nohost'], ['nohost', 'HOST:PORT']),
     (['--job_name=ps', '--cluster=127.0.0.1:1'], ['--job_name', 'worker']),
+    (['--datasource=omniglot', '--meta_batch_size=32', '--cpu_towers=3'], ['--meta_batch_size=32', '--cpu_towers=3',
+                                                                           'divisor']),
+    (SINE + ['--cpu_towers=-1'], ['--cpu_towers=-1', 'one per core']),
 ])
 def test_impossible_device_flags(tmp_path, args, needles):
     assert_one_line_error(run_main(*args, '--metatrain_iterations=10', '--logdir=' + str(tmp_path)), *needles)
