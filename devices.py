@@ -60,9 +60,10 @@ def core_towers(meta_batch_size, count=None):
 
     A meta-update is a long chain of small operations (a few tasks' convolutions, batch norm,
     their derivatives): split over two threads each, they kept two cores about 60% busy; as two
-    independent halves of the tasks, each on its own core, they take 10-20% less time (Omniglot
-    5-way and 20-way, bench/bench_train.py). The update is the one-tower update up to float32
-    summation order, as on any towers. One tower: TensorFlow's default placement and threads."""
+    independent halves of the tasks, each on its own core, an iteration takes 7% (Omniglot 5-way)
+    and 17% (20-way) less time (2-core Xeon, main.py against --cpu_towers=1, interleaved). The
+    update is the one-tower update up to float32 summation order, as on any towers. One tower:
+    TensorFlow's default placement and threads."""
     if count is None:
         cores = usable_cores()
         count = max(k for k in range(1, min(cores, meta_batch_size) + 1) if meta_batch_size % k == 0)
