@@ -1,6 +1,7 @@
 """The port against the reference's own outputs (../shared/golden/cases)."""
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,16 @@ def test_main_turns_onednn_off_for_the_sinusoid_in_its_own_process_only():
     assert main.onednn_default([], 'AMD64', as_script=True) == '0'
     assert main.onednn_default(['--datasource=sinusoid'], 'x86_64', as_script=False) is None   # imported by a test
     assert main.onednn_default(['--datasource=omniglot'], 'aarch64', as_script=True) is None
+    if platform.machine().lower() not in ('x86_64', 'amd64'):
+        return
+    # And main.py applies it before TensorFlow loads (TF logs at import whether oneDNN is on).
+    env = {k: v for k, v in os.environ.items() if k != 'TF_ENABLE_ONEDNN_OPTS'}
+    env['TF_CPP_MIN_LOG_LEVEL'] = '0'
+    for datasource, on in (('sinusoid', False), ('omniglot', True)):
+        result = subprocess.run([sys.executable, str(REPO / 'main.py'), '--datasource=' + datasource,
+                                 '--metatrain_iterations=0', '--logdir=/nonexistent'],   # stops right after the import
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert ('oneDNN custom operations are on' in result.stderr) == on, (datasource, result.stderr[-2000:])
 
 
 def test_checker_command_fails_on_a_perturbed_case(tmp_path):
