@@ -262,9 +262,7 @@ def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=
     x = conv_per_task(x, kernel, num_tasks, strides, grouped)
     if bias is not None:
         x = x + bias
-    # Not before max pooling: there (MiniImagenet, oneDNN on) TF's graph optimizer (its arithmetic
-    # pass) leaves the second-order meta-gradient about 1% off; tests/test_first_step.py checks it.
-    if norm == 'batch_norm' and fused_bn_grad and not max_pool:
+    if norm == 'batch_norm' and fused_bn_grad:
         # Each channel of x is one task's filter: per-channel statistics are per-task ones.
         x = batch_norm_relu_per_channel(x, tf.tile(norm_params['beta'], [num_tasks]), stop_gradient_in_variance)
     else:
