@@ -11,8 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 import special_grads  # noqa: F401  (second derivative of max pooling where TF lacks one)
-from utils import (accuracy, batch_norm_relu_per_task, conv_block, fused_bn_grad_supported, grouped_conv_supported,
-                   make_norm_params, mse, normalize, per_task_kernel_gradient_probe, to_task_channels, xent)
+from utils import (accuracy, batch_norm_relu_per_task, blocked_sums_supported, conv_block, fused_bn_grad_supported,
+                   grouped_conv_supported, make_norm_params, mse, normalize, per_task_kernel_gradient_probe,
+                   to_task_channels, xent)
 
 tf1 = tf.compat.v1
 
@@ -75,6 +76,7 @@ class MAML:
                                    and not config.moments_stop_gradient)
         self.grouped_conv = grouped_conv_supported(self.towers[0])
         self.fused_bn_grad = fused_bn_grad_supported(self.towers[0])
+        self.blocked_sums = blocked_sums_supported(self.towers[0])
 
     # ---------------------------------------------------------------- weights
     def construct_weights(self):
@@ -169,7 +171,8 @@ class MAML:
             x = tf.nn.conv2d(x, weights['conv%d' % (i + 1)], strides, 'SAME') + weights['b%d' % (i + 1)]
             per_task = tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
             per_task = normalize(per_task, self.config.norm, self.norm_params[i], batch_axes=[1, 2, 3],
-                                 feature_axes=[2, 3, 4], stop_gradient_in_variance=self.config.moments_stop_gradient)
+                                 feature_axes=[2, 3, 4], stop_gradient_in_variance=self.config.moments_stop_gradient,
+                                 blocked_sums=self.blocked_sums)
             x = tf.reshape(per_task, [-1] + x.shape[1:].as_list())
             if self.config.max_pool:
                 x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
@@ -182,7 +185,7 @@ class MAML:
         for i in range(4):
             x = conv_block(x, weights['conv%d' % (i + 1)], weights.get('b%d' % (i + 1)), num_tasks,
                            self.config.norm, self.norm_params[i], self.config.max_pool, self.grouped_conv,
-                           self.fused_bn_grad, self.config.moments_stop_gradient)
+                           self.fused_bn_grad, self.config.moments_stop_gradient, self.blocked_sums)
         _, height, width, _ = x.shape
         x = tf.reshape(x, [-1, height, width, num_tasks, self.config.num_filters])
         return tf.transpose(x, [3, 0, 1, 2, 4])
@@ -205,7 +208,7 @@ class MAML:
                 per_task = per_task + tf.reshape(bias, [num_tasks, 1, 1, 1, -1])
             if self.config.norm == 'batch_norm':
                 per_task = batch_norm_relu_per_task(per_task, self.norm_params[i]['beta'],
-                                                    self.config.moments_stop_gradient)
+                                                    self.config.moments_stop_gradient, self.blocked_sums)
             else:
                 per_task = normalize(per_task, self.config.norm, self.norm_params[i], batch_axes=[1, 2, 3],
                                      feature_axes=[2, 3, 4],
@@ -348,6 +351,7 @@ class MAML:
         for device, part in zip(towers, parts):
             with on_device(device):
                 self.grouped_conv, self.fused_bn_grad = grouped_conv_supported(device), fused_bn_grad_supported(device)
+                self.blocked_sums = blocked_sums_supported(device)
                 results.append(self.fast_adapt(*part, num_steps, unrolled_steps))
         with on_device(self.param_device):
             outputa, lossa, outputbs, lossesb = zip(*results)

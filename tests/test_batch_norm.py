@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from utils import batch_norm_relu_per_channel, batch_norm_relu_per_task, normalize
+import utils
+from utils import batch_norm_relu_per_channel, batch_norm_relu_per_task, blocked_sum, normalize
 
 tf1 = tf.compat.v1
 SHAPE = (5, 6, 6, 12)   # examples, H, W, tasks * filters
@@ -35,15 +36,15 @@ def derivatives(batch_norm, x_value, beta_value, dtype):
             return [np.asarray(t, np.float64) for t in sess.run([y, dx, dbeta, ddx, ddbeta])]
 
 
-def autodiff(stop_gradient_in_variance, layout='per_channel'):
+def autodiff(stop_gradient_in_variance, layout='per_channel', blocked_sums=False):
     axes = [0, 1, 2] if layout == 'per_channel' else [1, 2, 3]
     return lambda x, beta: normalize(x, 'batch_norm', {'beta': beta}, batch_axes=axes, feature_axes=None,
-                                     stop_gradient_in_variance=stop_gradient_in_variance)
+                                     stop_gradient_in_variance=stop_gradient_in_variance, blocked_sums=blocked_sums)
 
 
-def fast_version(stop_gradient_in_variance, layout='per_channel'):
+def fast_version(stop_gradient_in_variance, layout='per_channel', blocked_sums=False):
     function = batch_norm_relu_per_channel if layout == 'per_channel' else batch_norm_relu_per_task
-    return lambda x, beta: function(x, beta, stop_gradient_in_variance)
+    return lambda x, beta: function(x, beta, stop_gradient_in_variance, blocked_sums)
 
 
 def inputs(layout, contrast, rng):
@@ -62,14 +63,19 @@ def exact(x, beta):
     return tf.nn.relu((x - mean) * tf.math.rsqrt(variance + 1e-3) + beta)
 
 
+@pytest.mark.parametrize('blocked_sums', [False, True])
 @pytest.mark.parametrize('layout', ['per_channel', 'per_task'])
 @pytest.mark.parametrize('stop_gradient_in_variance', [False, True])
 @pytest.mark.parametrize('contrast', ['normal', 'low'])
-def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast, stop_gradient_in_variance, layout):
+def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast, stop_gradient_in_variance, layout, blocked_sums,
+                                                            monkeypatch):
+    """blocked_sums: both sides sum as utils.blocked_sum does (CPU with oneDNN; here at any size), so
+    their moments round alike; test_blocked_sum_* check those sums against tf.reduce_sum's."""
+    monkeypatch.setattr(utils, 'MIN_BLOCKED_ELEMENTS', 0)
     x, beta = inputs(layout, contrast, np.random.RandomState(0))
     truth = derivatives(autodiff(stop_gradient_in_variance, layout), x, beta, tf.float64)
-    autodiff32 = derivatives(autodiff(stop_gradient_in_variance, layout), x, beta, tf.float32)
-    fast = derivatives(fast_version(stop_gradient_in_variance, layout), x, beta, tf.float32)
+    autodiff32 = derivatives(autodiff(stop_gradient_in_variance, layout, blocked_sums), x, beta, tf.float32)
+    fast = derivatives(fast_version(stop_gradient_in_variance, layout, blocked_sums), x, beta, tf.float32)
     for name, want, slow, got in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], truth, autodiff32, fast):
         scale = np.abs(want).max()
         # Low contrast, 8x: the fast version takes its moments as tf.nn.moments does, so there its
@@ -104,3 +110,43 @@ def test_per_task_version_in_float64_is_autodiff_to_rounding(stop_gradient_in_va
     got = derivatives(fast_version(stop_gradient_in_variance, 'per_task'), x, beta, tf.float64)
     for name, want, value in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], truth, got):
         assert np.abs(value - want).max() <= 1e-10 * max(np.abs(want).max(), 1.0), name
+
+
+BLOCKED_SUM_CASES = [   # (shape, axes, placeholder shape, summed in blocks?), with any number of elements
+    ((4, 5, 14, 14, 8), [1, 2, 3], (4, None, 14, 14, 8), True),   # per task, examples unknown
+    ((20, 14, 14, 16), [0, 1, 2], (None, 14, 14, 16), True),      # per channel, examples unknown
+    ((3, 5, 6, 6, 4), [1, 2, 3], (None, 5, 6, 6, 4), True),       # tasks unknown
+    ((5, 2, 2, 4, 8), [0, 1, 2], (5, 2, 2, 4, 8), True),          # tasks and filters kept after the sum
+    ((5, 6, 6, 12), [0, 2], (5, 6, 6, 12), False),                # not consecutive: tf.reduce_sum
+    ((7, 1, 1, 3), [0, 1, 2], (7, 1, 1, 3), False),               # 7 values: too few for a block
+]
+SMALL = ((20, 14, 14, 16), [0, 1, 2], (20, 14, 14, 16), False)   # all known and under MIN_BLOCKED_ELEMENTS
+
+
+@pytest.mark.parametrize('case', [(c, 0) for c in BLOCKED_SUM_CASES] + [(SMALL, None)])
+def test_blocked_sum_is_reduce_sum(case):
+    (shape, axes, placeholder_shape, blocked), min_elements = case
+    x = np.random.RandomState(4).randn(*shape)
+    kwargs = {} if min_elements is None else {'min_elements': min_elements}
+    with tf.Graph().as_default() as graph:
+        placeholder = tf1.placeholder(tf.float64, placeholder_shape)
+        got, want = blocked_sum(placeholder, axes, **kwargs), tf.reduce_sum(placeholder, axes, keepdims=True)
+        used_products = any(op.type.startswith('BatchMatMul') for op in graph.get_operations())
+        with tf1.Session() as sess:
+            got, want = sess.run([got, want], {placeholder: x})
+    assert used_products == blocked
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-12 * np.abs(x).sum()
+
+
+@pytest.mark.parametrize('contrast', ['normal', 'low'])
+def test_blocked_sum_at_least_as_accurate_as_reduce_sum(contrast):
+    """In float32, on a 20-way tower's first-layer activations (20 examples, 14x14, 8 tasks x 64)."""
+    rng = np.random.RandomState(5)
+    shape = (20, 14, 14, 512)
+    x = (rng.randn(*shape) if contrast == 'normal' else 0.5 + 1e-3 * rng.randn(*shape)).astype(np.float32)
+    truth = x.astype(np.float64).sum((0, 1, 2), keepdims=True)
+    with tf.Graph().as_default(), tf1.Session() as sess:
+        blocked, plain = sess.run([blocked_sum(tf.constant(x), [0, 1, 2]),
+                                   tf.reduce_sum(tf.constant(x), [0, 1, 2], keepdims=True)])
+    assert np.abs(blocked - truth).max() <= np.abs(plain - truth).max()

@@ -28,10 +28,12 @@ def test_case_matches_reference_within_tolerance(case):
 def test_with_onednn_off_and_on(onednn):
     """Without oneDNN (TF_ENABLE_ONEDNN_OPTS=0) CPU TensorFlow has no grouped convolution: each task
     gets its own convolution. With it (main.py's choice for image data on x86) the tasks run as one
-    grouped convolution and the per-task batch norm takes its gradient from the fused kernel."""
+    grouped convolution, the per-task batch norm takes its gradient from the fused kernel and its
+    sums from utils.blocked_sum."""
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL='3')
     script = ('import utils, sys; from tests import golden; '
-              'assert utils.grouped_conv_supported() == utils.fused_bn_grad_supported() == {}; '
+              'assert utils.grouped_conv_supported() == utils.fused_bn_grad_supported() '
+              '== utils.blocked_sums_supported() == {}; '
               'sys.exit(golden.main(sys.argv[1:]))').format(onednn == '1')
     cases = [str(GOLDEN / 'cases' / c) for c in ('omniglot_5w1s', 'omniglot_5w1s_firstorder')]
     result = subprocess.run([sys.executable, '-c', script, *cases],
