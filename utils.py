@@ -85,6 +85,25 @@ def _mean(x, axes, blocked_sums):
     return blocked_sum(x, axes) / _count(x, axes) if blocked_sums else tf.reduce_mean(x, axes, keepdims=True)
 
 
+def channel_affine(x, scale, offset, axes):
+    """x * scale + offset (offset None: none), scale and offset shaped as x but 1 along `axes`, with
+    derivatives of every order whose sums over `axes` are blocked_sum's, where autodiff's would be
+    tf.reduce_sum's."""
+    def scaled_gradient(dy):
+        return channel_affine(dy, scale, None, axes)
+
+    if offset is None:
+        @tf.custom_gradient
+        def scaled(x, scale):
+            return x * scale, lambda dy: (scaled_gradient(dy), blocked_sum(dy * x, axes))
+        return scaled(x, scale)
+
+    @tf.custom_gradient
+    def affine(x, scale, offset):
+        return x * scale + offset, lambda dy: (scaled_gradient(dy), blocked_sum(dy * x, axes), blocked_sum(dy, axes))
+    return affine(x, scale, offset)
+
+
 def blocked_sums_supported(device=None):
     """Where blocked_sum replaces TF's reductions in batch norm: CPUs with oneDNN, where it was
     measured (one thread per tower). Not without oneDNN: unmeasured there, and the golden
@@ -127,7 +146,11 @@ def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu, 
     """
     if norm == 'batch_norm':
         mean, variance = moments(x, batch_axes, stop_gradient_in_variance, blocked_sums)
-        x = tf.nn.batch_normalization(x, mean, variance, params['beta'], None, BATCH_NORM_EPSILON)
+        if blocked_sums:   # tf.nn.batch_normalization's arithmetic, its gradient's sums blocked
+            inv = tf.math.rsqrt(variance + BATCH_NORM_EPSILON)
+            x = channel_affine(x, inv, params['beta'] - mean * inv, batch_axes)
+        else:
+            x = tf.nn.batch_normalization(x, mean, variance, params['beta'], None, BATCH_NORM_EPSILON)
     elif norm == 'layer_norm':
         mean, variance = moments(x, feature_axes, stop_gradient_in_variance)
         x = tf.nn.batch_normalization(x, mean, variance, params['beta'], params['gamma'],

@@ -112,6 +112,21 @@ def test_per_task_version_in_float64_is_autodiff_to_rounding(stop_gradient_in_va
         assert np.abs(value - want).max() <= 1e-10 * max(np.abs(want).max(), 1.0), name
 
 
+@pytest.mark.parametrize('layout', ['per_channel', 'per_task'])
+@pytest.mark.parametrize('stop_gradient_in_variance', [False, True])
+def test_blocked_sums_change_only_rounding(stop_gradient_in_variance, layout, monkeypatch):
+    """In float64, where rounding is negligible, batch norm with blocked sums (and with
+    utils.channel_affine in autodiff's) has the values and derivatives of the plain one."""
+    monkeypatch.setattr(utils, 'MIN_BLOCKED_ELEMENTS', 0)
+    x, beta = inputs(layout, 'normal', np.random.RandomState(6))
+    versions = [autodiff] + ([fast_version] if layout == 'per_task' else [])   # the fused kernel has no float64
+    for version in versions:
+        want = derivatives(version(stop_gradient_in_variance, layout), x, beta, tf.float64)
+        got = derivatives(version(stop_gradient_in_variance, layout, blocked_sums=True), x, beta, tf.float64)
+        for name, expected, value in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], want, got):
+            assert np.abs(value - expected).max() <= 1e-10 * max(np.abs(expected).max(), 1.0), (version, name)
+
+
 BLOCKED_SUM_CASES = [   # (shape, axes, placeholder shape, summed in blocks?), with any number of elements
     ((4, 5, 14, 14, 8), [1, 2, 3], (4, None, 14, 14, 8), True),   # per task, examples unknown
     ((20, 14, 14, 16), [0, 1, 2], (None, 14, 14, 16), True),      # per channel, examples unknown
