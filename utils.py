@@ -208,7 +208,8 @@ def _batch_norm_relu(x, beta, axes, first_gradient, stop_gradient_in_variance, b
     """
     @tf.custom_gradient
     def forward(x, beta):
-        mean, variance = moments(x, axes, stop_gradient_in_variance=True, blocked_sums=blocked_sums)   # values alike
+        # tf.nn.moments' values (either formulation has them); the derivatives are grad's below
+        mean, variance = moments(x, axes, stop_gradient_in_variance=True, blocked_sums=blocked_sums)
         y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, beta, None, BATCH_NORM_EPSILON))
 
         def grad(dy):

@@ -165,3 +165,24 @@ def test_blocked_sum_at_least_as_accurate_as_reduce_sum(contrast):
         blocked, plain = sess.run([blocked_sum(tf.constant(x), [0, 1, 2]),
                                    tf.reduce_sum(tf.constant(x), [0, 1, 2], keepdims=True)])
     assert np.abs(blocked - truth).max() <= np.abs(plain - truth).max()
+
+
+def blocked_sum_products(graph):
+    """blocked_sum's matrix products (a row of ones times the blocks) in `graph`."""
+    return [op for op in graph.get_operations()
+            if op.type.startswith('BatchMatMul') and op.inputs[0].op.name.split('/')[-1].startswith('ones')]
+
+
+def test_model_sums_batch_norm_in_blocks_where_supported():
+    """MAML passes blocked sums to every batch norm where blocked_sums_supported() (CPU with oneDNN:
+    this x86 machine's default), and none elsewhere."""
+    from maml import MAML, ModelConfig
+    config = ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=2, update_batch_size=1, num_updates=1)
+    with tf.Graph().as_default() as graph:
+        model = MAML(config, 784, 5, test_num_updates=1)
+        inputs = {k: tf1.placeholder(tf.float32, [2, None, 784 if k.startswith('input') else 5])
+                  for k in ('inputa', 'inputb', 'labela', 'labelb')}
+        model.construct_model(inputs)
+        supported = utils.blocked_sums_supported()
+        assert model.blocked_sums == supported
+        assert bool(blocked_sum_products(graph)) == supported
