@@ -24,6 +24,7 @@ Usage Instructions:
     For omniglot and miniimagenet training, acquire the dataset online, put it in the correspoding data
     directory, and see the python scripts data/prepare_omniglot.py and data/prepare_miniimagenet.py.
 """
+import concurrent.futures
 import contextlib
 import csv
 import os
@@ -359,7 +360,7 @@ def validation_batches_before(itr, datasource, summaries):
 def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_enabled, placement, checkpoint):
     print_interval, test_print_interval = print_intervals(f.datasource)
     total = f.pretrain_iterations + f.metatrain_iterations
-    writer = tf1.summary.FileWriter(exp_dir, sess.graph) if f.log else None
+    writer = SummaryWriter(exp_dir, sess.graph) if f.log else None
     steps = TrainingSteps(model, sess, feed_list)
     print('Done initializing, starting training.')
     prelosses, postlosses = [], []
@@ -374,9 +375,9 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
                 prelosses.append(pre)
                 postlosses.append(post)
                 if writer:
-                    writer.add_summary(summary, itr)
+                    writer.get().add_summary(summary, itr)
                     if val_enabled:
-                        writer.add_summary(sess.run(model.metaval_summ_op), itr)
+                        writer.get().add_summary(sess.run(model.metaval_summ_op), itr)
             else:
                 steps.plain(pretraining)(*next_feed(itr))
 
@@ -403,7 +404,22 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
         raise
     finally:
         if writer:
-            writer.close()
+            writer.get().close()
+
+
+class SummaryWriter:
+    """tf1.summary.FileWriter(exp_dir, graph), opened on a thread: it writes the graph for TensorBoard
+    as the reference's does, and serialising it takes about half a second for Omniglot 20-way, which
+    the first iteration (TensorFlow's C++, the GIL released) hides. get() waits for it, and raises
+    what opening it raised."""
+
+    def __init__(self, exp_dir, graph):
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._opening = pool.submit(tf1.summary.FileWriter, exp_dir, graph)
+        pool.shutdown(wait=False)   # the thread ends once the writer is open
+
+    def get(self):
+        return self._opening.result()
 
 
 class TrainingSteps:

@@ -159,7 +159,8 @@ def normalize(x, norm, params, batch_axes, feature_axes, activation=tf.nn.relu, 
 
 
 def batch_norm_relu_per_channel(x, beta, stop_gradient_in_variance=False, blocked_sums=False):
-    """relu(batch norm of x [N, H, W, C] over N, H, W, + beta [C]): the per-task layers' norm.
+    """relu(batch norm of x [N, H, W, C] over N, H, W, + beta): the per-task layers' norm. beta: [C],
+    or [F] shared by the tasks when C = tasks * F (tasks side by side in the channels).
 
     The values are those of `normalize` (tf.nn.moments, tf.nn.batch_normalization, relu). The
     fused forward kernel (FusedBatchNormV3) also passes the golden cases on the real 0/1 Omniglot
@@ -197,6 +198,12 @@ def batch_norm_relu_per_task(x, beta, stop_gradient_in_variance=False, blocked_s
 
 
 def _count(x, axes):
+    """How many values each sum over `axes` adds up, as a scalar of x's type: a constant where
+    those dimensions are known (a dynamic count costs about 17 graph operations, built hundreds
+    of times per meta-update)."""
+    known = [x.shape[a] for a in axes]
+    if None not in known:
+        return tf.constant(float(np.prod(known, dtype=np.int64)), x.dtype)
     return tf.cast(tf.reduce_prod([tf.shape(x)[a] for a in axes]), x.dtype)
 
 
@@ -210,13 +217,15 @@ def _batch_norm_relu(x, beta, axes, first_gradient, stop_gradient_in_variance, b
     def forward(x, beta):
         # tf.nn.moments' values (either formulation has them); the derivatives are grad's below
         mean, variance = moments(x, axes, stop_gradient_in_variance=True, blocked_sums=blocked_sums)
-        y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, beta, None, BATCH_NORM_EPSILON))
+        offset = beta if beta.shape[-1] == x.shape[-1] else tf.tile(beta, [x.shape[-1] // beta.shape[-1]])
+        y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, offset, None, BATCH_NORM_EPSILON))
 
         def grad(dy):
             dx, sum_g = _batch_norm_relu_backward(dy, x, beta, y, mean, variance, axes, first_gradient,
                                                   stop_gradient_in_variance, blocked_sums)
-            # sum_g: per channel, with the dimensions of x (per task: beta's gradient sums the tasks)
-            return dx, tf.reduce_sum(tf.reshape(sum_g, [-1, sum_g.shape[-1]]), 0)
+            # sum_g: per channel, with the dimensions of x; beta's gradient sums the tasks (a tiled
+            # beta's as TF's gradient of tf.tile would: without its dozen operations per layer)
+            return dx, tf.reduce_sum(tf.reshape(sum_g, [-1, beta.shape[-1]]), 0)
         return y, grad
     return forward(x, beta)
 
@@ -353,7 +362,7 @@ def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=
     # 15-per-class query pass dominates), though its values are as good as autodiff's.
     if norm == 'batch_norm' and fused_bn_grad and not max_pool:
         # Each channel of x is one task's filter: per-channel statistics are per-task ones.
-        x = batch_norm_relu_per_channel(x, tf.tile(norm_params['beta'], [num_tasks]), stop_gradient_in_variance,
+        x = batch_norm_relu_per_channel(x, norm_params['beta'], stop_gradient_in_variance,
                                         blocked_sums)
     else:
         per_task = split_task_channels(x, num_tasks)
@@ -377,7 +386,14 @@ def xent(pred, label, update_batch_size):
     Dividing by K (not by N*K) is the reference's choice: the inner step size then means the
     same thing for every N, and the loss's gradient is that of its sum.
     """
-    return tf.nn.softmax_cross_entropy_with_logits(labels=label, logits=pred) / update_batch_size
+    if None in pred.shape.as_list()[:-1] or pred.shape.rank != 3:
+        return tf.nn.softmax_cross_entropy_with_logits(labels=label, logits=pred) / update_batch_size
+    # The same kernel as tf.nn.softmax_cross_entropy_with_logits, on the flattened shape known here:
+    # that wrapper finds it at run time with a dozen shape operations, built once per loss (hundreds).
+    tasks, examples, classes = pred.shape.as_list()
+    loss, _ = tf.raw_ops.SoftmaxCrossEntropyWithLogits(features=tf.reshape(pred, [-1, classes]),
+                                                       labels=tf.reshape(label, [-1, classes]))
+    return tf.reshape(loss, [tasks, examples]) / update_batch_size
 
 
 def accuracy(pred, label):

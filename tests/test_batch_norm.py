@@ -186,3 +186,19 @@ def test_model_sums_batch_norm_in_blocks_where_supported():
         supported = utils.blocked_sums_supported()
         assert model.blocked_sums == supported
         assert bool(blocked_sum_products(graph)) == supported
+
+
+@pytest.mark.parametrize('stop_gradient_in_variance', [False, True])
+def test_per_channel_version_takes_one_beta_for_every_task(stop_gradient_in_variance):
+    """Tasks side by side in the channels share beta [F]: the values and derivatives (beta's summed
+    over the tasks) of beta tiled to every task's channels, through TF's gradient of tf.tile. The
+    fused gradient kernel is float32 only; the same sums in the same order give equal numbers."""
+    tasks, features = 4, SHAPE[-1] // 4
+    x, _ = inputs('per_channel', 'normal', np.random.RandomState(4))
+    beta = 0.3 * np.random.RandomState(5).randn(features)
+    fast = fast_version(stop_gradient_in_variance)
+    tiled = derivatives(lambda x, beta: fast(x, tf.tile(beta, [tasks])), x, beta, tf.float32)
+    shared = derivatives(fast, x, beta, tf.float32)
+    for name, want, value in zip(['y', 'dx', 'dbeta', 'd2/dx', 'd2/dbeta'], tiled, shared):
+        assert value.shape == want.shape, name
+        np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=name)

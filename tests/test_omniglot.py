@@ -309,6 +309,7 @@ def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_
     assert max(post[:3]) > 0.3, trained.stdout                # learning from the first few hundred
     exp_dir = Path(logdir) / EXPERIMENT
     assert (exp_dir / 'model{}.index'.format(TRAIN_ITERATIONS - 1)).is_file()
+    assert_tensorboard_events(exp_dir, reported=range(0, TRAIN_ITERATIONS, 100))
 
     tested = run_main('--train=False', '--test_set=True', *common)
     assert tested.returncode == 0, tested.stderr[-3000:]
@@ -330,6 +331,19 @@ def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_
     assert means[1] > 0.45 and means[1] > means[0] + 0.2, means
     assert means[3] >= means[1] - 0.02, means          # the paper's 3 steps do not undo the first
     assert len({tuple(row) for row in values}) > 20   # 600 different tasks, not one repeated
+
+
+def assert_tensorboard_events(exp_dir, reported):
+    """One events file: the graph and its meta graph (as the reference's FileWriter writes them), then
+    at every reported iteration the training and the validation summaries."""
+    files = list(exp_dir.glob('events.out.tfevents.*'))
+    assert len(files) == 1, files
+    events = list(tf.compat.v1.train.summary_iterator(str(files[0])))
+    assert [e.WhichOneof('what') for e in events[:3]] == ['file_version', 'graph_def', 'meta_graph_def']
+    graph = tf.compat.v1.GraphDef.FromString(events[1].graph_def)
+    assert any(node.op == 'Conv2D' for node in graph.node)
+    summaries = [(e.step, {v.tag.split('_')[0] for v in e.summary.value}) for e in events[3:]]
+    assert summaries == [(itr, {prefix}) for itr in reported for prefix in ('metatrain', 'metaval')]
 
 
 def test_a_resumed_run_validates_on_the_tasks_of_an_uninterrupted_one(omniglot_root, tmp_path):
