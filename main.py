@@ -592,7 +592,8 @@ def run(f):
     config = ModelConfig(datasource=f.datasource, num_classes=f.num_classes, meta_batch_size=meta_batch_size,
                          meta_lr=f.meta_lr, update_batch_size=f.update_batch_size, update_lr=f.update_lr,
                          num_updates=f.num_updates, norm=f.norm, num_filters=f.num_filters, conv=f.conv,
-                         max_pool=f.max_pool, stop_grad=f.stop_grad, moments_stop_gradient=f.moments_stop_gradient)
+                         max_pool=f.max_pool, stop_grad=f.stop_grad, moments_stop_gradient=f.moments_stop_gradient,
+                         pretraining=f.pretrain_iterations > 0)
     with model_placement(placement):   # a cluster's savers must run where the weights are: the chief
         model, next_feed, feed_list, initializers = build_model(f, config, test_num_updates, resume_itr, total,
                                                                 placement)

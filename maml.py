@@ -39,6 +39,7 @@ class ModelConfig:
     max_pool: bool = False
     stop_grad: bool = False
     moments_stop_gradient: bool = False   # batch/layer norm's moments as TF >= 1.3 (utils.moments)
+    pretraining: bool = True   # build the pre-training op (--pretrain_iterations > 0); see _build_train_ops
 
     @property
     def classification(self):
@@ -401,8 +402,16 @@ class MAML:
         # (the default's guard for ref variables, which this graph does not modify): the same values,
         # about 1,300 fewer operations to build and run for Omniglot 20-way.
         gate = tf1.train.Optimizer.GATE_NONE
-        self.pretrain_op = tf1.train.AdamOptimizer(self.meta_lr).minimize(
-            self.total_loss1, gate_gradients=gate, colocate_gradients_with_ops=colocate)
+        pretrain_optimizer = tf1.train.AdamOptimizer(self.meta_lr)
+        if self.config.pretraining:
+            self.pretrain_op = pretrain_optimizer.minimize(self.total_loss1, gate_gradients=gate,
+                                                           colocate_gradients_with_ops=colocate)
+        else:
+            # Its variables (Adam's moments for every weight) are created all the same, so checkpoints hold
+            # the same variables whatever the flags; its gradient, about 1,100 operations for Omniglot
+            # 20-way, is not built. The op created here is never run.
+            pretrain_optimizer.apply_gradients([(tf.zeros_like(v), v) for v in tf1.trainable_variables()])
+            self.pretrain_op = None
         optimizer = tf1.train.AdamOptimizer(self.meta_lr)
         self.gvs = optimizer.compute_gradients(self.total_losses2[self.config.num_updates - 1],
                                                gate_gradients=gate, colocate_gradients_with_ops=colocate)

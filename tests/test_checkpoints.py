@@ -1,4 +1,5 @@
 """Checkpoints: saved inside the loop, exact resume, relaunch, reference checkpoints, --test_iter."""
+import dataclasses
 import shutil
 
 import numpy as np
@@ -89,3 +90,27 @@ def test_published_miniimagenet_checkpoint_restores_by_name_exactly():
             assert main.restore(sess, path, full_state=True) is False   # weights only, Adam fresh
             np.testing.assert_array_equal(sess.run(model.weights['w5']),
                                           tf1.train.load_checkpoint(path).get_tensor('model/w5'))
+
+
+def saved_variables(config, dim_input, dim_output):
+    with tf.Graph().as_default():
+        MAML(config, dim_input, dim_output, test_num_updates=1).construct_model(prefix='metatrain_')
+        return {v.op.name: v.shape.as_list() for v in tf1.global_variables()}
+
+
+def test_checkpoints_hold_the_same_variables_with_or_without_pretraining():
+    """Without --pretrain_iterations the pre-training op's gradient is not built, but its Adam moments
+    are: a checkpoint resumes whatever the flags, and has the names it had (the meta-optimizer's
+    moments in Adam_2 and Adam_3)."""
+    configs = [(ModelConfig(datasource='sinusoid', norm='None', meta_batch_size=4), 1, 1),
+               (ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=2, update_batch_size=1,
+                            num_filters=8), 28 * 28, 5),
+               (ModelConfig(datasource='miniimagenet', meta_batch_size=2, update_batch_size=1, num_filters=8,
+                            max_pool=True), 84 * 84 * 3, 5)]
+    for config, dim_input, dim_output in configs:
+        with_pretraining = saved_variables(config, dim_input, dim_output)
+        without = saved_variables(dataclasses.replace(config, pretraining=False), dim_input, dim_output)
+        assert without == with_pretraining, config.datasource
+        weights = [name for name in without if '/Adam' not in name and not name.startswith('beta')]
+        slots = {w + suffix for w in weights for suffix in ('/Adam', '/Adam_1', '/Adam_2', '/Adam_3')}
+        assert set(without) == set(weights) | slots | {'beta1_power', 'beta2_power', 'beta1_power_1', 'beta2_power_1'}
