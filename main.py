@@ -600,9 +600,9 @@ def run(f):
         saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=None)   # save_checkpoint keeps the newest 10
         print('Data and graph ready in {:.1f} s'.format(time.time() - started), flush=True)
         sess = placement.session()
-        sess.run(tf1.global_variables_initializer())
-        for op, feed in initializers:
-            sess.run(op, feed)
+        # One run for the weights and the images: each run of a new set of ops prepares its own executor.
+        sess.run([tf1.global_variables_initializer()] + [op for op, _ in initializers],
+                 {placeholder: value for _, feed in initializers for placeholder, value in feed.items()})
         del initializers   # the images now live in the session only
         if checkpoint:
             print('Restoring model weights from ' + checkpoint)
