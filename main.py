@@ -404,7 +404,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
         raise
     finally:
         if writer:
-            writer.get().close()
+            writer.close()
 
 
 class SummaryWriter:
@@ -415,11 +415,26 @@ class SummaryWriter:
 
     def __init__(self, exp_dir, graph):
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._opening = pool.submit(tf1.summary.FileWriter, exp_dir, graph)
+        self._opening = pool.submit(self._open, exp_dir, graph)
         pool.shutdown(wait=False)   # the thread ends once the writer is open
+
+    @staticmethod
+    def _open(exp_dir, graph):
+        # The default graph is per thread: the meta graph's collections are read from it.
+        with graph.as_default():
+            return tf1.summary.FileWriter(exp_dir, graph)
 
     def get(self):
         return self._opening.result()
+
+    def close(self):
+        """Closes the writer once it is open. A failure to open it is get()'s to raise; here (in a
+        `finally`, perhaps with another error on its way) it is only reported."""
+        error = self._opening.exception()
+        if error is None:
+            self._opening.result().close()
+        else:
+            print('warning: no TensorBoard events written: {}'.format(error), file=sys.stderr)
 
 
 class TrainingSteps:

@@ -409,8 +409,11 @@ class MAML:
         else:
             # Its variables (Adam's moments for every weight) are created all the same, so checkpoints hold
             # the same variables whatever the flags; its gradient, about 1,100 operations for Omniglot
-            # 20-way, is not built. The op created here is never run.
-            pretrain_optimizer.apply_gradients([(tf.zeros_like(v), v) for v in tf1.trainable_variables()])
+            # 20-way, is not built. The op created here is never run. minimize() would give every
+            # trainable variable moments too: the pre-update loss reaches them all (the conv biases
+            # through the shared-weights pass), tests/test_checkpoints.py checks it.
+            pretrain_optimizer.apply_gradients([(tf.zeros(v.shape, v.dtype.base_dtype), v)
+                                                for v in tf1.trainable_variables()])
             self.pretrain_op = None
         optimizer = tf1.train.AdamOptimizer(self.meta_lr)
         self.gvs = optimizer.compute_gradients(self.total_losses2[self.config.num_updates - 1],

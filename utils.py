@@ -211,13 +211,19 @@ def _batch_norm_relu(x, beta, axes, first_gradient, stop_gradient_in_variance, b
     """relu(batch norm of x over `axes` + beta), its gradient and that gradient's gradient.
 
     first_gradient(x, dz, mean, variance) -> (dx, sum(dz * xhat), sum(dz)) of z = xhat + beta,
-    the sums over `axes` with the dimensions kept.
+    the sums over `axes` with the dimensions kept. beta: one per channel of x, or one set shared by
+    the tasks side by side in x's channels.
     """
+    channels, features = x.shape[-1], beta.shape[-1]
+    if channels is None or features is None or channels % features:
+        raise ValueError('batch norm: {} channels are not tasks side by side with {} features each'.format(
+            channels, features))
+
     @tf.custom_gradient
     def forward(x, beta):
         # tf.nn.moments' values (either formulation has them); the derivatives are grad's below
         mean, variance = moments(x, axes, stop_gradient_in_variance=True, blocked_sums=blocked_sums)
-        offset = beta if beta.shape[-1] == x.shape[-1] else tf.tile(beta, [x.shape[-1] // beta.shape[-1]])
+        offset = beta if features == channels else tf.tile(beta, [channels // features])
         y = tf.nn.relu(tf.nn.batch_normalization(x, mean, variance, offset, None, BATCH_NORM_EPSILON))
 
         def grad(dy):
@@ -225,7 +231,7 @@ def _batch_norm_relu(x, beta, axes, first_gradient, stop_gradient_in_variance, b
                                                   stop_gradient_in_variance, blocked_sums)
             # sum_g: per channel, with the dimensions of x; beta's gradient sums the tasks (a tiled
             # beta's as TF's gradient of tf.tile would: without its dozen operations per layer)
-            return dx, tf.reduce_sum(tf.reshape(sum_g, [-1, beta.shape[-1]]), 0)
+            return dx, tf.reduce_sum(tf.reshape(sum_g, [-1, features]), 0)
         return y, grad
     return forward(x, beta)
 
@@ -386,13 +392,13 @@ def xent(pred, label, update_batch_size):
     Dividing by K (not by N*K) is the reference's choice: the inner step size then means the
     same thing for every N, and the loss's gradient is that of its sum.
     """
-    if None in pred.shape.as_list()[:-1] or pred.shape.rank != 3:
+    if pred.shape.rank != 3 or not pred.shape.is_fully_defined() or pred.dtype != tf.float32:
         return tf.nn.softmax_cross_entropy_with_logits(labels=label, logits=pred) / update_batch_size
-    # The same kernel as tf.nn.softmax_cross_entropy_with_logits, on the flattened shape known here:
-    # that wrapper finds it at run time with a dozen shape operations, built once per loss (hundreds).
+    # What tf.nn.softmax_cross_entropy_with_logits runs for float32, on the flattened shape known here:
+    # the wrapper finds it at run time with a dozen shape operations, built once per loss (hundreds).
     tasks, examples, classes = pred.shape.as_list()
     loss, _ = tf.raw_ops.SoftmaxCrossEntropyWithLogits(features=tf.reshape(pred, [-1, classes]),
-                                                       labels=tf.reshape(label, [-1, classes]))
+                                                       labels=tf.reshape(tf.cast(label, pred.dtype), [-1, classes]))
     return tf.reshape(loss, [tasks, examples]) / update_batch_size
 
 

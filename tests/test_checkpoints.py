@@ -93,9 +93,23 @@ def test_published_miniimagenet_checkpoint_restores_by_name_exactly():
 
 
 def saved_variables(config, dim_input, dim_output):
+    """{name: shape} of the variables a checkpoint holds, and {(first, second moment)} the meta-update reads."""
     with tf.Graph().as_default():
-        MAML(config, dim_input, dim_output, test_num_updates=1).construct_model(prefix='metatrain_')
-        return {v.op.name: v.shape.as_list() for v in tf1.global_variables()}
+        model = MAML(config, dim_input, dim_output, test_num_updates=1)
+        model.construct_model(prefix='metatrain_')
+        return ({v.op.name: v.shape.as_list() for v in tf1.global_variables()},
+                {(op.inputs[1].op.name.split('/')[-1], op.inputs[2].op.name.split('/')[-1])
+                 for op in ancestors(model.metatrain_op) if op.type == 'ResourceApplyAdam'})
+
+
+def ancestors(op):
+    seen, stack = set(), [op]
+    while stack:
+        op = stack.pop()
+        if op not in seen:
+            seen.add(op)
+            stack.extend(list(op.control_inputs) + [t.op for t in op.inputs])
+    return seen
 
 
 def test_checkpoints_hold_the_same_variables_with_or_without_pretraining():
@@ -105,12 +119,18 @@ def test_checkpoints_hold_the_same_variables_with_or_without_pretraining():
     configs = [(ModelConfig(datasource='sinusoid', norm='None', meta_batch_size=4), 1, 1),
                (ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=2, update_batch_size=1,
                             num_filters=8), 28 * 28, 5),
+               (ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=2, update_batch_size=1,
+                            num_filters=8, moments_stop_gradient=True), 28 * 28, 5),
+               (ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=2, update_batch_size=1,
+                            norm='layer_norm', conv=False), 28 * 28, 5),
                (ModelConfig(datasource='miniimagenet', meta_batch_size=2, update_batch_size=1, num_filters=8,
                             max_pool=True), 84 * 84 * 3, 5)]
     for config, dim_input, dim_output in configs:
-        with_pretraining = saved_variables(config, dim_input, dim_output)
-        without = saved_variables(dataclasses.replace(config, pretraining=False), dim_input, dim_output)
+        with_pretraining, meta_moments = saved_variables(config, dim_input, dim_output)
+        without, meta_moments_without = saved_variables(dataclasses.replace(config, pretraining=False), dim_input,
+                                                        dim_output)
         assert without == with_pretraining, config.datasource
+        assert meta_moments == meta_moments_without == {('Adam_2', 'Adam_3')}, config.datasource
         weights = [name for name in without if '/Adam' not in name and not name.startswith('beta')]
         slots = {w + suffix for w in weights for suffix in ('/Adam', '/Adam_1', '/Adam_2', '/Adam_3')}
         assert set(without) == set(weights) | slots | {'beta1_power', 'beta2_power', 'beta1_power_1', 'beta2_power_1'}

@@ -342,6 +342,8 @@ def assert_tensorboard_events(exp_dir, reported):
     assert [e.WhichOneof('what') for e in events[:3]] == ['file_version', 'graph_def', 'meta_graph_def']
     graph = tf.compat.v1.GraphDef.FromString(events[1].graph_def)
     assert any(node.op == 'Conv2D' for node in graph.node)
+    meta_graph = tf.compat.v1.MetaGraphDef.FromString(events[2].meta_graph_def)
+    assert {'trainable_variables', 'variables', 'summaries'} <= set(meta_graph.collection_def)
     summaries = [(e.step, {v.tag.split('_')[0] for v in e.summary.value}) for e in events[3:]]
     assert summaries == [(itr, {prefix}) for itr in reported for prefix in ('metatrain', 'metaval')]
 
