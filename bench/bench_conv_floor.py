@@ -17,10 +17,17 @@ rest grouped. Also prints the measured time of the whole meta-update for compari
 --reference_ms (the reference's ms per meta-iteration, from bench_side_by_side on this machine) the
 target of 0.45x it. oneDNN is on, as main.py turns it on for image data (TF_ENABLE_ONEDNN_OPTS=0
 turns it off: one convolution per task).
+
+Below every implementation, whatever its form: the arithmetic. The script counts the convolutions'
+floating-point operations per meta-update and measures one core's float32 peak (a large matrix
+product on one thread, oneDNN's best case), and prints the time those operations take at that peak
+on all usable cores: no float32 implementation of the same meta-update can run its convolutions
+faster on this machine.
 """
 import argparse
 import collections
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from devices import usable_cores  # noqa: E402
 from maml import MAML, ModelConfig  # noqa: E402
 
 tf1 = tf.compat.v1
@@ -175,6 +183,37 @@ def describe(node):
     return node.type, tuple(x.as_list()), tuple(kernel.as_list()), tuple(node.get_attr('strides'))
 
 
+def conv_flops(conv):
+    """Floating-point operations (a multiply and an add each) of one convolution as describe()
+    gives it, padding 'SAME': every output value of each kernel's kh * kw * C products. A
+    convolution's filter and input gradients do the same arithmetic as its forward pass."""
+    _, (batch, height, width, _), (kh, kw, channels, filters_all), strides = conv[:4]
+    out_height, out_width = -(-height // strides[1]), -(-width // strides[2])
+    return 2 * batch * out_height * out_width * kh * kw * channels * filters_all
+
+
+def core_peak_gflops(size=1536, runs=10):
+    """One core's float32 peak here, in GFLOP/s: the median of a size x size matrix product on one
+    thread (oneDNN's matrix product, its best case: in cache, no layout changes). Measured in a new
+    process: a process's first session fixes the threads of every later one."""
+    code = ('import bench_conv_floor as b; print(b._matmul_gflops_one_thread({}, {}))'.format(size, runs))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+    out = subprocess.run([sys.executable, '-c', code], cwd=str(Path(__file__).resolve().parent), env=env,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _matmul_gflops_one_thread(size, runs):
+    graph = tf.Graph()
+    with graph.as_default():
+        a, b = (tf.Variable(tf.random.uniform([size, size])) for _ in range(2))
+        product = tf.matmul(a, b)
+        config = tf1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=1)
+        with tf1.Session(graph=graph, config=config) as sess:
+            sess.run(tf1.global_variables_initializer())
+            return 2 * size ** 3 / median_ms(sess, product.op, runs) / 1e6
+
+
 def time_convolution(kind, x_shape, kernel_shape, strides, plain, runs=20):
     """Milliseconds of one convolution alone, as the graph runs it (grouped or plain) or as one plain convolution."""
     batch, height, width, channels_all = x_shape
@@ -225,6 +264,13 @@ def report(name, reference_ms=None):
         print('  {:<22s} x{:<3d} ({:2d} run plain, {:2d} could) alone: {:7.1f} ms as run, {:7.1f} ms plain, '
               '{:7.1f} ms mixed'.format(kind, count, plain_now, plain_count, as_run_ms, plain_ms, mixed_ms))
     as_run_total, plain_total, mixed_total = (sum(v[i] for v in by_kind.values()) for i in (3, 4, 5))
+    gflop = sum(conv_flops(conv) * count for conv, count in counts.items()) / 1e9
+    peak, cores = core_peak_gflops(), usable_cores()
+    bound_ms = 1000 * gflop / (peak * cores)
+    print('  arithmetic: {:.1f} GFLOP of convolutions per meta-update, {:.1f} GFLOP/s as run alone (all cores); '
+          "one core's float32 peak {:.0f} GFLOP/s, so at least {:.1f} ms on {} core{}{}".format(
+              gflop, gflop / as_run_total * 1000, peak, bound_ms, cores, 's' * (cores != 1),
+              ' ({:.2f}x the reference)'.format(bound_ms / reference_ms) if reference_ms else ''))
     print('  convolutions alone: {:.1f} ms as run, {:.1f} ms mixed (plain wherever the kernel is shared or '
           'the filter gradient summed), {:.1f} ms all plain (the bound)'.format(as_run_total, mixed_total, plain_total))
     comparison = ' | reference {:.1f} ms, target ({}x) {:.1f} ms'.format(

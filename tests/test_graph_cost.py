@@ -12,7 +12,7 @@ import functools
 import pytest
 import tensorflow as tf
 
-from bench.bench_conv_floor import build_training_graph, convolutions_run_by, runs_plain
+from bench.bench_conv_floor import build_training_graph, conv_flops, convolutions_run_by, runs_plain
 from utils import grouped_conv_supported
 
 tf1 = tf.compat.v1
@@ -55,6 +55,27 @@ def test_convolutions_of_one_step_meta_update():
     second_order = convolutions(1, test_num_updates=10)
     assert sum(first_order.values()) == 7 + 15 * per_task_op
     assert sum(second_order.values()) == 20 + 22 * per_task_op
+
+
+def test_flop_count_of_the_convolutions_run():
+    """bench_conv_floor's arithmetic bound counts every output value's kernel-sized dot product,
+    padding 'SAME' (stride 2 rounds the output up), grouped or plain: each of a layer's
+    convolutions (forward, filter or input gradient, of any order) does its forward pass's
+    arithmetic for all tasks' examples."""
+    # 28x28 images, stride 2: layer outputs 14, 7, 4, 2 wide; 3 * 3 * channels products per output value
+    layer_flops = {28: 2 * EXAMPLES * 14 * 14 * 9 * 1 * 64, 14: 2 * EXAMPLES * 7 * 7 * 9 * 64 * 64,
+                   7: 2 * EXAMPLES * 4 * 4 * 9 * 64 * 64, 4: 2 * EXAMPLES * 2 * 2 * 9 * 64 * 64}
+    second_order = convolutions(1, test_num_updates=10)
+    kinds = set()
+    for conv, count in second_order.items():
+        (batch, height, _, channels_all), channels = conv[1], conv[2][2]
+        # a share of all tasks' examples: grouped (tasks in the channels), plain, or one task's (oneDNN off)
+        share = batch * (channels_all // channels) / EXAMPLES
+        assert conv_flops(conv[:4]) == layer_flops[height] * share, conv
+        kinds.add((conv[0], runs_plain(conv, EXAMPLES)))
+    assert ('Conv2DBackpropFilter', False) in kinds and ('Conv2D', True) in kinds   # both forms counted
+    grouped = ('Conv2DBackpropFilter', (5, 7, 7, 2 * 64), (3, 3, 64, 2 * 64), (1, 2, 2, 1))
+    assert conv_flops(grouped) == 2 * (2 * 5 * 4 * 4 * 9 * 64 * 64)   # both tasks' filter gradients
 
 
 def could_be_plain_count(counter):
