@@ -67,7 +67,7 @@ def run(name, data_root, logdir, iterations=None, startup_only=False):
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     startup = graph = None
-    rates = []
+    marks = []   # (iteration, seconds) as each progress line arrives: finer than the printed it/s
     for line in proc.stdout:
         if line.startswith('Data and graph ready'):
             graph = float(re.findall(r'[\d.]+', line)[0])
@@ -78,13 +78,14 @@ def run(name, data_root, logdir, iterations=None, startup_only=False):
                 proc.wait()
                 print('{:<10s} start-up {:5.1f} s (data+graph {:4.1f} s)'.format(name, startup, graph), flush=True)
                 return startup
-        elif 'it/s' in line:
-            rates.append(float(line.split()[0]))
+        elif line.startswith('Iteration '):
+            marks.append((int(line.split()[1].rstrip(':')), time.time() - start))
     if proc.wait() != 0:
         raise SystemExit('{} failed: {}'.format(name, ' '.join(cmd)))
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    steady = sorted(rates[1:] or rates)
-    ms = 1000.0 / steady[len(steady) // 2]
+    intervals = [1000.0 * (t - t0) / (itr - itr0) for (itr0, t0), (itr, t) in zip(marks, marks[1:])]
+    steady = intervals[1:] or intervals     # the first interval holds the warm-up
+    ms = statistics.median(steady)
     written = {}
     for path in logdir.rglob('*'):
         kind_of = 'events' if 'tfevents' in path.name else 'checkpoint' if path.name.startswith('model') else None

@@ -103,6 +103,41 @@ def test_one_tower_per_core_gives_the_one_device_meta_update(case, single_device
     assert golden.compare(str(GOLDEN / 'cases' / case), got)[0][1] <= 1.0
 
 
+CORES_USED_BY_ONE_TOWER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import devices
+import tensorflow as tf
+tf1 = tf.compat.v1
+tf1.disable_eager_execution()
+placement = devices.core_towers(2, count=2)
+tf.config.list_logical_devices('CPU')    # TF 2's context makes the first devices, as the model's tf.while_loop does
+graph = tf.Graph()
+with graph.as_default(), tf.device(placement.towers[0]):
+    matrix = tf1.Variable(tf1.random_normal([1536, 1536]))
+    product = tf.reduce_sum(tf.matmul(matrix, matrix))    # one large operation: any pool would split it
+with placement.session(graph=graph) as sess:
+    sess.run(tf1.global_variables_initializer())
+    sess.run(product)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(15):
+        sess.run(product)
+    print((time.process_time() - cpu) / (time.perf_counter() - wall))
+"""
+
+
+@pytest.mark.skipif(devices.usable_cores() < 2, reason='needs two cores to tell one thread from two')
+def test_a_tower_runs_each_operation_on_one_thread():
+    # Without a pool of its own, the towers' session used TensorFlow's shared intra-op pool (one
+    # thread per core): one tower's matrix product kept both cores busy (1.9 cores per second).
+    env = {k: v for k, v in ENV.items() if k != 'TF_OVERRIDE_GLOBAL_THREADPOOL'}
+    out = subprocess.run([sys.executable, '-c', CORES_USED_BY_ONE_TOWER, str(REPO)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cores_busy = float(out.stdout.split()[-1])
+    assert cores_busy < 1.3
+
+
 @pytest.mark.parametrize('cores, meta_batch_size, towers', [(2, 32, 2), (2, 16, 2), (3, 32, 2), (8, 12, 6), (2, 5, 1),
                                                             (4, 1, 1), (1, 32, 1)])
 def test_one_tower_per_core_that_divides_the_meta_batch(monkeypatch, cores, meta_batch_size, towers):
