@@ -191,7 +191,7 @@ def _read_image(path, image_size, channels, datasource):
             ' or '.join(expected_modes), PREPARE_HINT[datasource]))
     if mode == '1':
         # Pillow reads a 1-bit PNG as 0/1; tf.image.decode_png, which the reference used, expands
-        # it to 0/255. After /255 and inversion the network must see 0 (stroke) and 1 (background).
+        # it to 0/255. After /255 and inversion the network must see 1 (stroke) and 0 (background).
         pixels = pixels.astype(np.uint8) * 255
     return pixels.astype(np.uint8).reshape(-1)
 

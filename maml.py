@@ -11,9 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 import special_grads  # noqa: F401  (second derivative of max pooling where TF lacks one)
-from utils import (accuracy, batch_norm_relu_per_task, blocked_sums_supported, conv_block, fused_bn_grad_supported,
-                   grouped_conv_supported, make_norm_params, mse, normalize, per_task_kernel_gradient_probe,
-                   to_task_channels, xent)
+from utils import (accuracy, batch_norm_relu_per_task, blocked_sums_supported, conv_batch_norm_relu_from_patches,
+                   conv_block, from_task_channels, fused_bn_grad_supported, grouped_conv_supported, make_norm_params,
+                   mse, normalize, patch_moments, per_task_kernel_gradient_probe, to_task_channels, xent)
 
 tf1 = tf.compat.v1
 
@@ -78,6 +78,7 @@ class MAML:
         self.grouped_conv = grouped_conv_supported(self.towers[0])
         self.fused_bn_grad = fused_bn_grad_supported(self.towers[0])
         self.blocked_sums = blocked_sums_supported(self.towers[0])
+        self._patch_moments = {}   # input tensor -> its first layer's patch_moments (fast_adapt)
 
     # ---------------------------------------------------------------- weights
     def construct_weights(self):
@@ -148,7 +149,7 @@ class MAML:
         num_tasks = inp.shape[0]
         images = tf.reshape(inp, [num_tasks, -1, self.img_size, self.img_size, self.channels])
         if per_task:
-            features = self._conv_layers_per_task(images, weights)
+            features = self._conv_layers_per_task(images, weights, self._patch_moments.get(inp.ref()))
         else:
             features = self._conv_layers_shared(images, weights)
         return self._conv_head(features, weights)
@@ -179,17 +180,42 @@ class MAML:
                 x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
         return tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
 
-    def _conv_layers_per_task(self, images, weights):
-        """Each task through its own kernels, its channels side by side (grouped convolution)."""
+    def _conv_layers_per_task(self, images, weights, moments_of_patches=None):
+        """Each task through its own kernels, its channels side by side (grouped convolution).
+        moments_of_patches: the input's patch_moments; the first layer's batch norm is then computed
+        from them (conv_batch_norm_relu_from_patches)."""
         num_tasks = images.shape[0]
         x = to_task_channels(images)
         for i in range(4):
+            if i == 0 and moments_of_patches is not None:
+                x = conv_batch_norm_relu_from_patches(x, weights['conv1'], weights.get('b1'),
+                                                      self.norm_params[0]['beta'], moments_of_patches,
+                                                      self._strides(), self.config.moments_stop_gradient)
+                continue
             x = conv_block(x, weights['conv%d' % (i + 1)], weights.get('b%d' % (i + 1)), num_tasks,
                            self.config.norm, self.norm_params[i], self.config.max_pool, self.grouped_conv,
                            self.fused_bn_grad, self.config.moments_stop_gradient, self.blocked_sums)
         _, height, width, _ = x.shape
         x = tf.reshape(x, [-1, height, width, num_tasks, self.config.num_filters])
         return tf.transpose(x, [3, 0, 1, 2, 4])
+
+    def _strides(self):
+        return [1, 1, 1, 1] if self.config.max_pool else [1, 2, 2, 1]
+
+    def _first_layer_from_patches(self):
+        """Whether the per-task passes compute the first layer's batch norm from patch_moments: for
+        batch norm without max pooling on CPUs with oneDNN, where it was measured."""
+        return (self.use_conv and self.config.norm == 'batch_norm' and not self.config.max_pool
+                and self.grouped_conv and self.fused_bn_grad and first_layer_from_patches_enabled())
+
+    def _remember_patch_moments(self, inputs):
+        """patch_moments of each input, for every per-task pass over it (each inner step's)."""
+        self._patch_moments = {}
+        if not self._first_layer_from_patches():
+            return
+        for inp in inputs:
+            images = tf.reshape(inp, [inp.shape[0], -1, self.img_size, self.img_size, self.channels])
+            self._patch_moments[inp.ref()] = patch_moments(to_task_channels(images), inp.shape[0], self._strides())
 
     def _support_pass_from_shared_weights(self, inp, weights):
         """The first inner step's support pass, where every task still has the shared kernels:
@@ -198,10 +224,20 @@ class MAML:
         respect to a probe is each task's own gradient of that kernel (utils.per_task_kernel_gradient_probe)."""
         num_tasks = inp.shape[0]
         x = tf.reshape(inp, [-1, self.img_size, self.img_size, self.channels])   # tasks in the batch
-        strides = [1, 1, 1, 1] if self.config.max_pool else [1, 2, 2, 1]
+        strides = self._strides()
         probes = {}
+        moments_of_patches = self._patch_moments.get(inp.ref())
         for i in range(4):
             name, bias = 'conv%d' % (i + 1), weights.get('b%d' % (i + 1))
+            if i == 0 and moments_of_patches is not None:
+                # Each task's own kernel (its per-task copy), the tasks in the channels; then back
+                # to the tasks in the batch for the next layer's plain convolution.
+                images = tf.reshape(inp, [num_tasks, -1, self.img_size, self.img_size, self.channels])
+                y = conv_batch_norm_relu_from_patches(to_task_channels(images), weights[name], bias,
+                                                      self.norm_params[0]['beta'], moments_of_patches, strides,
+                                                      self.config.moments_stop_gradient)
+                x = from_task_channels(y, num_tasks)
+                continue
             z = tf.nn.conv2d(x, self.weights[name], strides, 'SAME')
             z, probes[name] = per_task_kernel_gradient_probe(z, x, num_tasks, strides, self.grouped_conv)
             per_task = tf.reshape(z, [num_tasks, -1] + z.shape[1:].as_list())
@@ -248,6 +284,7 @@ class MAML:
         outputa = self.forward(inputa, self.weights)
         lossa = self.loss_func(outputa, labela)
         fast_weights = self.weights_per_task(num_tasks)
+        self._remember_patch_moments([inputa, inputb])
         outputbs, lossesb = [], []
         for step in range(unrolled_steps):
             fast_weights, outputb, lossb = self._inner_step(inputa, labela, inputb, labelb, fast_weights,
@@ -433,6 +470,11 @@ class MAML:
                 'inputb': tf1.placeholder(tf.float32, shape + [self.dim_input], name='inputb'),
                 'labela': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labela'),
                 'labelb': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labelb')}
+
+
+def first_layer_from_patches_enabled():
+    """The switch behind MAML._first_layer_from_patches (benchmarks turn it off to compare)."""
+    return True
 
 
 def on_device(device):

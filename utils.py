@@ -276,6 +276,13 @@ def to_task_channels(images):
     return tf.reshape(x, [-1, height, width, tasks * channels])
 
 
+def from_task_channels(x, num_tasks):
+    """[examples, H, W, tasks*F] -> [tasks*examples, H, W, F], the tasks in the batch."""
+    _, height, width, channels = x.shape
+    x = tf.transpose(tf.reshape(x, [-1, height, width, num_tasks, channels // num_tasks]), [3, 0, 1, 2, 4])
+    return tf.reshape(x, [-1, height, width, channels // num_tasks])
+
+
 def split_task_channels(x, num_tasks):
     """[examples, H, W, tasks*F] -> [examples, H, W, tasks, F] (a free reshape)."""
     _, height, width, channels = x.shape
@@ -378,6 +385,90 @@ def conv_block(x, kernel, bias, num_tasks, norm, norm_params, max_pool, grouped=
     if max_pool:
         x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
     return x
+
+
+## The first layer's batch norm from its input's patches
+def patch_moments(images, num_tasks, strides):
+    """(mean [tasks, 9C], covariance [tasks, 9C, 9C]) of each task's 3x3xC patches as a 'SAME'
+    convolution with `strides` sees them, in float64; images [examples, H, W, tasks*C], tasks side
+    by side in the channels.
+
+    A convolution is linear in its patches, so from these the first layer's batch-norm moments for
+    any kernel are products of a few hundred numbers (conv_batch_norm_relu_from_patches). The
+    images need no gradient: computed once per input, the moments serve every inner step.
+    """
+    channels = images.shape[-1] // num_tasks
+    patches = tf.image.extract_patches(images, [1, 3, 3, 1], strides, [1, 1, 1, 1], 'SAME')
+    # depth ordered (row, column, task, channel) -> [tasks, positions, (row, column, channel)]
+    patches = tf.transpose(tf.reshape(patches, [-1, 9, num_tasks, channels]), [2, 0, 1, 3])
+    patches = tf.cast(tf.reshape(patches, [num_tasks, -1, 9 * channels]), tf.float64)
+    count = tf.cast(tf.shape(patches)[1], tf.float64)
+    mean = tf.reduce_sum(patches, 1, keepdims=True) / count
+    centered = patches - mean
+    covariance = tf.matmul(centered, centered, transpose_a=True) / count
+    return tf.squeeze(mean, 1), covariance
+
+
+def conv_batch_norm_relu_from_patches(images, kernel, bias, beta, moments_of_patches, strides,
+                                      stop_gradient_in_variance=False):
+    """relu(batch norm of (conv(images, kernel) + bias) + beta), every task with its own kernel
+    (grouped), as conv_block computes it, from patch_moments' `moments_of_patches`.
+
+    A channel's mean is mean_patch . w + b and its variance w' cov w, so the normalisation folds
+    into the kernel and an offset: relu(conv(images, w * inv) + beta + (b - mean) * inv). No
+    full-size tensor is normalised, and the derivatives of every order go through a few hundred
+    numbers and a one-input-channel convolution instead of batch norm's full-size passes.
+    The moments are computed in float64: w' cov w cancels (neighbouring pixels correlate, a
+    kernel's weights differ in sign), and in float32 it rounds several times worse than the
+    variance of the convolution's output does.
+    stop_gradient_in_variance: TF 1.3's moments (see `moments`); their variance is the same
+    function of the kernel plus (mean - stop_gradient(mean))^2, whose value is 0.
+    """
+    patch_mean, patch_covariance = moments_of_patches
+    num_tasks, size = patch_mean.shape
+    features = kernel.shape[-1] // num_tasks
+    per_task = lambda t: tf.reshape(tf.cast(t, tf.float64), [num_tasks, features])
+    w = tf.transpose(tf.reshape(tf.cast(kernel, tf.float64), [size, num_tasks, features]), [1, 0, 2])
+    mean = tf.squeeze(tf.matmul(patch_mean[:, None, :], w), 1)                      # [tasks, F]
+    variance = tf.reduce_sum(tf.matmul(patch_covariance, w) * w, 1)
+    offset_before_norm = 0.0
+    if bias is not None:
+        mean += per_task(bias)
+        offset_before_norm = per_task(bias)
+    if stop_gradient_in_variance:
+        variance += tf.square(mean - tf.stop_gradient(mean))
+    inv = tf.math.rsqrt(variance + BATCH_NORM_EPSILON)
+    offset = tf.reshape(tf.cast(beta, tf.float64), [-1, features]) + (offset_before_norm - mean) * inv
+    scaled_kernel = tf.cast(tf.cast(kernel, tf.float64) * tf.reshape(inv, [-1]), kernel.dtype)
+    return _conv_bias_relu(images, scaled_kernel, tf.cast(tf.reshape(offset, [-1]), kernel.dtype), strides)
+
+
+def _conv_bias_relu(images, kernel, offset, strides):
+    """relu(conv(images, kernel) + offset), differentiable twice in kernel and offset; images, the
+    network's input, get no gradient.
+
+    What autodiff would compute, with two full-size passes fewer in the second derivative: the
+    offset's part of it is the convolution's bias (one fused operation, not a tile and an add),
+    and the ReLU's mask, piecewise constant, adds no zeros to the output's gradient. Every tensor
+    used is an argument: custom_gradient asks for the variables behind any other (the input
+    pipeline's image cache is one)."""
+    filter_shape = kernel.shape.as_list()
+
+    @tf.custom_gradient
+    def forward(kernel, offset, images):
+        y = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(images, kernel, strides, 'SAME'), offset))
+
+        @tf.custom_gradient
+        def backward(dy, y, images):
+            g = tf.raw_ops.ReluGrad(gradients=dy, features=y)
+            d_kernel = tf1.nn.conv2d_backprop_filter(images, filter_shape, g, strides, 'SAME')
+
+            def second(h_kernel, h_offset):
+                h = tf.nn.bias_add(tf.nn.conv2d(images, h_kernel, strides, 'SAME'), h_offset)
+                return tf.raw_ops.ReluGrad(gradients=h, features=y), None, None
+            return (d_kernel, tf.raw_ops.BiasAddGrad(out_backprop=g)), second
+        return y, lambda dy: backward(dy, y, images) + (None,)
+    return forward(kernel, offset, images)
 
 
 ## Losses (one value per task, or per example for classification)

@@ -100,10 +100,19 @@ def convolutions_run_by(sess, fetch, all_examples):
             if 'Conv2D' not in kernel:
                 continue
             op = traced_operation(graph, node.node_name)
-            if op.type not in CONV_OPS:   # conv + bias fused by grappler, named after the add
-                op = next(t.op for t in op.inputs if t.op.type in CONV_OPS)
+            if op.type not in CONV_OPS:   # conv + bias (+ ReLU) fused by grappler, named after the last
+                op = fused_convolution(op)
             convs.append(describe(op) + (could_be_plain(op, needed, all_examples),))
     return convs
+
+
+def fused_convolution(op):
+    """The convolution of a fusion grappler named after its last operation: conv + bias (+ ReLU)."""
+    for _ in range(2):
+        op = next((t.op for t in op.inputs if t.op.type in CONV_OPS), None) or op.inputs[0].op
+        if op.type in CONV_OPS:
+            return op
+    raise ValueError('no convolution behind fused operation {}'.format(op.name))
 
 
 # Ops a gradient passes through on its way to the shared weights' gradient
