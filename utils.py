@@ -403,10 +403,11 @@ def patch_moments(images, num_tasks, strides):
     patches = tf.transpose(tf.reshape(patches, [-1, 9, num_tasks, channels]), [2, 0, 1, 3])
     patches = tf.cast(tf.reshape(patches, [num_tasks, -1, 9 * channels]), tf.float64)
     count = tf.cast(tf.shape(patches)[1], tf.float64)
-    mean = tf.reduce_sum(patches, 1, keepdims=True) / count
-    centered = patches - mean
-    covariance = tf.matmul(centered, centered, transpose_a=True) / count
-    return tf.squeeze(mean, 1), covariance
+    mean = tf.reduce_sum(patches, 1) / count
+    # E[p p'] - mean mean': in float64 its cancellation costs nothing a float32 model can see (for
+    # 0/1 pixels every sum is exact), and it saves a pass over the patches.
+    covariance = tf.matmul(patches, patches, transpose_a=True) / count - mean[:, :, None] * mean[:, None, :]
+    return mean, covariance
 
 
 def conv_batch_norm_relu_from_patches(images, kernel, bias, beta, moments_of_patches, strides,
