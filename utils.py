@@ -467,7 +467,7 @@ def _conv_bias_relu(images, kernel, offset, strides):
             def second(h_kernel, h_offset):
                 h = tf.nn.bias_add(tf.nn.conv2d(images, h_kernel, strides, 'SAME'), h_offset)
                 return tf.raw_ops.ReluGrad(gradients=h, features=y), None, None
-            return (d_kernel, tf.raw_ops.BiasAddGrad(out_backprop=g)), second
+            return (d_kernel, tf.reshape(blocked_sum(g, [0, 1, 2], min_elements=0), [-1])), second
         return y, lambda dy: backward(dy, y, images) + (None,)
     return forward(kernel, offset, images)
 
