@@ -78,7 +78,7 @@ class MAML:
         self.grouped_conv = grouped_conv_supported(self.towers[0])
         self.fused_bn_grad = fused_bn_grad_supported(self.towers[0])
         self.blocked_sums = blocked_sums_supported(self.towers[0])
-        self._patch_moments = {}   # input tensor -> its first layer's patch_moments (fast_adapt)
+        self._patch_moments = {}   # input tensor -> (its images, tasks in the channels; their patch_moments)
 
     # ---------------------------------------------------------------- weights
     def construct_weights(self):
@@ -149,7 +149,7 @@ class MAML:
         num_tasks = inp.shape[0]
         images = tf.reshape(inp, [num_tasks, -1, self.img_size, self.img_size, self.channels])
         if per_task:
-            features = self._conv_layers_per_task(images, weights, self._patch_moments.get(inp.ref()))
+            features = self._conv_layers_per_task(images, weights, *self._patch_moments.get(inp.ref(), (None, None)))
         else:
             features = self._conv_layers_shared(images, weights)
         return self._conv_head(features, weights)
@@ -168,7 +168,7 @@ class MAML:
         """All tasks' examples as one batch through the shared kernels (normalised per task)."""
         num_tasks = images.shape[0]
         x = tf.reshape(images, [-1] + images.shape[2:].as_list())
-        strides = [1, 1, 1, 1] if self.config.max_pool else [1, 2, 2, 1]
+        strides = self._strides()
         for i in range(4):
             x = tf.nn.conv2d(x, weights['conv%d' % (i + 1)], strides, 'SAME') + weights['b%d' % (i + 1)]
             per_task = tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
@@ -180,12 +180,12 @@ class MAML:
                 x = tf.nn.max_pool2d(x, [1, 2, 2, 1], [1, 2, 2, 1], 'VALID')
         return tf.reshape(x, [num_tasks, -1] + x.shape[1:].as_list())
 
-    def _conv_layers_per_task(self, images, weights, moments_of_patches=None):
+    def _conv_layers_per_task(self, images, weights, task_channel_images=None, moments_of_patches=None):
         """Each task through its own kernels, its channels side by side (grouped convolution).
-        moments_of_patches: the input's patch_moments; the first layer's batch norm is then computed
-        from them (conv_batch_norm_relu_from_patches)."""
+        task_channel_images, moments_of_patches: what _remember_patch_moments made of these images; the
+        first layer's batch norm is then computed from the moments (conv_batch_norm_relu_from_patches)."""
         num_tasks = images.shape[0]
-        x = to_task_channels(images)
+        x = to_task_channels(images) if task_channel_images is None else task_channel_images
         for i in range(4):
             if i == 0 and moments_of_patches is not None:
                 x = conv_batch_norm_relu_from_patches(x, weights['conv1'], weights.get('b1'),
@@ -214,8 +214,8 @@ class MAML:
         if not self._first_layer_from_patches():
             return
         for inp in inputs:
-            images = tf.reshape(inp, [inp.shape[0], -1, self.img_size, self.img_size, self.channels])
-            self._patch_moments[inp.ref()] = patch_moments(to_task_channels(images), inp.shape[0], self._strides())
+            images = to_task_channels(tf.reshape(inp, [inp.shape[0], -1, self.img_size, self.img_size, self.channels]))
+            self._patch_moments[inp.ref()] = images, patch_moments(images, inp.shape[0], self._strides())
 
     def _support_pass_from_shared_weights(self, inp, weights):
         """The first inner step's support pass, where every task still has the shared kernels:
@@ -226,14 +226,13 @@ class MAML:
         x = tf.reshape(inp, [-1, self.img_size, self.img_size, self.channels])   # tasks in the batch
         strides = self._strides()
         probes = {}
-        moments_of_patches = self._patch_moments.get(inp.ref())
+        task_channel_images, moments_of_patches = self._patch_moments.get(inp.ref(), (None, None))
         for i in range(4):
             name, bias = 'conv%d' % (i + 1), weights.get('b%d' % (i + 1))
             if i == 0 and moments_of_patches is not None:
                 # Each task's own kernel (its per-task copy), the tasks in the channels; then back
                 # to the tasks in the batch for the next layer's plain convolution.
-                images = tf.reshape(inp, [num_tasks, -1, self.img_size, self.img_size, self.channels])
-                y = conv_batch_norm_relu_from_patches(to_task_channels(images), weights[name], bias,
+                y = conv_batch_norm_relu_from_patches(task_channel_images, weights[name], bias,
                                                       self.norm_params[0]['beta'], moments_of_patches, strides,
                                                       self.config.moments_stop_gradient)
                 x = from_task_channels(y, num_tasks)
