@@ -81,7 +81,7 @@ def own_intra_op_threads():
     tf.while_loop starts while the model's graph is built. The towers' intra_op_parallelism_threads=1
     then did not hold: each tower's convolutions were split over that shared pool, both towers' at
     once: a 20-way iteration of main.py took 666.7 ms against 625.0 on one thread per tower (5-way
-    4-14% longer, MiniImagenet 1-shot 6%; README). TensorFlow reads the setting once, at the
+    4-14% longer, MiniImagenet 1-shot 6%; bench/README.md). TensorFlow reads the setting once, at the
     process's first device: call this before building a graph. An explicit
     TF_OVERRIDE_GLOBAL_THREADPOOL in the environment wins."""
     os.environ.setdefault('TF_OVERRIDE_GLOBAL_THREADPOOL', '1')
