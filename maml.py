@@ -79,6 +79,7 @@ class MAML:
         self.fused_bn_grad = fused_bn_grad_supported(self.towers[0])
         self.blocked_sums = blocked_sums_supported(self.towers[0])
         self._patch_moments = {}   # input tensor -> (its images, tasks in the channels; their patch_moments)
+        self.allow_first_layer_from_patches = True   # off: the first layer as conv_block (to compare)
 
     # ---------------------------------------------------------------- weights
     def construct_weights(self):
@@ -206,7 +207,7 @@ class MAML:
         """Whether the per-task passes compute the first layer's batch norm from patch_moments: for
         batch norm without max pooling on CPUs with oneDNN, where it was measured."""
         return (self.use_conv and self.config.norm == 'batch_norm' and not self.config.max_pool
-                and self.grouped_conv and self.fused_bn_grad and first_layer_from_patches_enabled())
+                and self.grouped_conv and self.fused_bn_grad and self.allow_first_layer_from_patches)
 
     def _remember_patch_moments(self, inputs):
         """patch_moments of each input, for every per-task pass over it (each inner step's)."""
@@ -469,11 +470,6 @@ class MAML:
                 'inputb': tf1.placeholder(tf.float32, shape + [self.dim_input], name='inputb'),
                 'labela': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labela'),
                 'labelb': tf1.placeholder(tf.float32, shape + [self.dim_output], name='labelb')}
-
-
-def first_layer_from_patches_enabled():
-    """The switch behind MAML._first_layer_from_patches (benchmarks turn it off to compare)."""
-    return True
 
 
 def on_device(device):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import maml
 from maml import MAML, ModelConfig
 from utils import conv_batch_norm_relu_from_patches, fused_bn_grad_supported, normalize, patch_moments
 
@@ -112,15 +111,15 @@ MODEL_CONFIGS = {
 }
 
 
-def model_outputs(enabled, extra, monkeypatch):
+def model_outputs(enabled, extra):
     """Query outputs after 3 steps and the meta-gradient through 2 (the second per task)."""
-    monkeypatch.setattr(maml, 'first_layer_from_patches_enabled', lambda: enabled)
     rng = np.random.RandomState(5)
     way = 5
     with tf.Graph().as_default() as graph:
         config = ModelConfig(datasource='omniglot', num_classes=way, meta_batch_size=TASKS, update_batch_size=1,
                              update_lr=0.4, num_updates=2, num_filters=FILTERS, **extra)
         model = MAML(config, 28 * 28, way, test_num_updates=3)
+        model.allow_first_layer_from_patches = enabled
         model.construct_model(prefix='metatrain_')
         variables = tf1.trainable_variables()
         gradients = [g for g in tf.gradients(model.total_losses2[1], variables) if g is not None]
@@ -138,9 +137,9 @@ def model_outputs(enabled, extra, monkeypatch):
 
 @needs_onednn
 @pytest.mark.parametrize('name', list(MODEL_CONFIGS))
-def test_model_computes_the_same_with_the_first_layer_from_patches(name, monkeypatch):
-    without, patch_ops_without = model_outputs(False, MODEL_CONFIGS[name], monkeypatch)
-    with_patches, patch_ops = model_outputs(True, MODEL_CONFIGS[name], monkeypatch)
+def test_model_computes_the_same_with_the_first_layer_from_patches(name):
+    without, patch_ops_without = model_outputs(False, MODEL_CONFIGS[name])
+    with_patches, patch_ops = model_outputs(True, MODEL_CONFIGS[name])
     assert (patch_ops_without, patch_ops) == (0, 2)   # once per input (support and query), not per step
     assert len(with_patches) == len(without)
     for want, got in zip(without, with_patches):
