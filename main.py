@@ -177,6 +177,8 @@ def check_flags(f):
         raise UserError('--devices and --cluster both split the meta-batch; use one of them')
     if f.train and f.pretrain_iterations + f.metatrain_iterations == 0:
         raise UserError('nothing to train: --pretrain_iterations and --metatrain_iterations are both 0')
+    if f.job_name and (f.job_name != 'worker' or not f.cluster):
+        raise UserError('--job_name={!r}: the only job is worker, with --cluster and --task_index'.format(f.job_name))
 
 
 def test_num_updates_for(datasource, train):
@@ -576,6 +578,7 @@ def model_placement(placement):
 ## Putting it together
 def run(f):
     check_flags(f)
+    placement = make_placement(f)   # impossible device flags fail here, before any folder is made
     if f.baseline == 'oracle':
         # The oracle is trained on the pre-update loss only: its iterations all count as pre-training.
         f.pretrain_iterations += f.metatrain_iterations
@@ -601,7 +604,6 @@ def run(f):
     tf1.disable_eager_execution()
     tf1.reset_default_graph()
     tf1.set_random_seed(TRAIN_SEED)
-    placement = make_placement(f)
     meta_batch_size = f.meta_batch_size if f.train else 1   # always a meta batch of 1 when testing
     test_num_updates = test_num_updates_for(f.datasource, f.train)
     config = ModelConfig(datasource=f.datasource, num_classes=f.num_classes, meta_batch_size=meta_batch_size,
@@ -635,9 +637,7 @@ def main(argv):
     del argv
     try:
         if FLAGS.job_name:
-            if FLAGS.job_name != 'worker' or not FLAGS.cluster:
-                raise UserError('--job_name={!r}: the only job is worker, with --cluster and --task_index'.format(
-                    FLAGS.job_name))
+            check_flags(FLAGS)
             devices.serve_worker(FLAGS.cluster, FLAGS.task_index)
             return
         run(FLAGS)

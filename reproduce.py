@@ -10,8 +10,9 @@ For each row: trains with exactly the paper's command from main.py's usage block
 and 10), and rewrites that row of RESULTS.md beside the paper's number with the iterations trained,
 the wall time, the machine, the date and the commit. `--iterations N` trains a shorter budget,
 which the row says; running again with a larger one (or none) continues the same run.
-`--reference_eval` also evaluates the same checkpoint with the reference's own code (TF 1.15, in
-the venv ../shared/reference/run_reference.sh builds) and records both numbers side by side.
+`--reference_eval` also evaluates the same checkpoint with the reference's own code (TF 1.15; where
+its code and venv are found: bench/reference.py) and records both numbers side by side. Omniglot rows
+take the prepared data/omniglot_resized (--data_root), else prepare it from $MAML_OMNIGLOT_ZIPS.
 `--validate_checkpoints` evaluates every kept checkpoint on 600 validation tasks and the best of
 them on the test tasks (a table of its own; the row stays the last checkpoint).
 RESULTS.md is rendered entirely from the data block at its end, which only this runner writes.
@@ -370,10 +371,11 @@ runpy.run_path('main.py', run_name='__main__')
 
 
 def reference_tools():
+    """bench/reference.py: where the reference's code and venv are, and how to run a copy."""
     if str(REPO / 'bench') not in sys.path:
         sys.path.insert(0, str(REPO / 'bench'))
-    import bench_side_by_side
-    return bench_side_by_side
+    import reference
+    return reference
 
 
 def reference_evaluate(row, data_root, checkpoint, log_path):
@@ -381,12 +383,12 @@ def reference_evaluate(row, data_root, checkpoint, log_path):
     moments (the paper's math, as the port computes it), in a temporary copy that
     links the data and the checkpoint. Returns (CSV columns, seconds)."""
     tools = reference_tools()
-    python = tools.reference_venv() / 'bin' / 'python'
-    if not python.is_file():
-        raise RunnerError('--reference_eval needs the reference\'s venv; build it once with '
-                          '../shared/reference/run_reference.sh (it needs a Python 3.7)')
+    missing = tools.problem()
+    if missing:
+        raise RunnerError('--reference_eval: ' + missing)
+    python = tools.python()
     checkpoint = REPO / checkpoint       # main.py prints it as given: absolute, or relative to the repository
-    work = tools.reference_copy(True, Path(data_root), {'omniglot': 'omniglot', 'miniimagenet': 'mini'}.get(row.data))
+    work = tools.working_copy(moments=True, data_root=data_root)
     try:
         experiment = work / 'logs' / checkpoint.parent.name     # the reference names it as the port does
         experiment.mkdir(parents=True)
@@ -402,7 +404,7 @@ def reference_evaluate(row, data_root, checkpoint, log_path):
             log.write('\n$ {}\n'.format(' '.join(command)))
             log.flush()
             code = subprocess.run(command, cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                                  env=tools.reference_env(TF_CPP_MIN_LOG_LEVEL='3')).returncode
+                                  env=tools.env(TF_CPP_MIN_LOG_LEVEL='3')).returncode
         output = Path(log_path).read_text().rsplit('\n$ ', 1)[-1]
         if code != 0:
             raise RunnerError('the reference\'s evaluation failed (exit {}); see {}'.format(code, log_path))
@@ -457,6 +459,19 @@ def read_csv(path):
     return {name: (m, s, c) for name, m, s, c in zip(header, means, stds, ci95)}
 
 
+def prepare_omniglot_from_zips(dest):
+    """Prepares Omniglot into dest from the official zips in $MAML_OMNIGLOT_ZIPS, where it is set."""
+    sys.path.insert(0, str(REPO / 'data'))
+    import prepare_omniglot
+    zips = os.environ.get(prepare_omniglot.ZIPS_ENV)
+    if zips:
+        try:
+            survey, was_ready = prepare_omniglot.prepare(dest, source_dir=Path(zips))
+            print(prepare_omniglot.summary_line(survey, dest, was_ready), flush=True)
+        except prepare_omniglot.PrepareError as error:
+            raise RunnerError('{}={}: {}'.format(prepare_omniglot.ZIPS_ENV, zips, error))
+
+
 def run_row(row, iterations, logdir, data_root, results, train=True, reference_eval=False, validate=False):
     """Trains (or resumes) and evaluates one row, then records it in `results`. Without `train`,
     evaluates the run as far as it got; with `reference_eval`, the reference evaluates the same
@@ -465,6 +480,8 @@ def run_row(row, iterations, logdir, data_root, results, train=True, reference_e
     folder = Path(logdir) / row.name
     if row.data:
         subfolder, hint = PREPARE[row.data]
+        if row.data == 'omniglot' and not (Path(data_root) / subfolder).is_dir():
+            prepare_omniglot_from_zips(Path(data_root) / subfolder)
         if not (Path(data_root) / subfolder).is_dir():
             if results.get(row.name, {}).get('status') != 'done':
                 results[row.name] = {'status': 'needs data', 'prepare': hint}

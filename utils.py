@@ -120,7 +120,7 @@ def moments(x, axes, stop_gradient_in_variance=False, blocked_sums=False):
     s, so its derivatives of every order are exact. With stop_gradient_in_variance, as TF 1.3 and
     later do: E[(x - s)^2] alone. Its first derivative is the same, its second is not (a term is
     missing), so the meta-gradient through batch norm differs: that is what the reference computes
-    on TF 1.15 (with batch norm from moments) and what ../shared/golden pins.
+    on TF 1.15 (with batch norm from moments) and what tests/golden pins.
     blocked_sums: the means from blocked_sum (the same values, rounded differently) instead of
     tf.reduce_mean.
     """

@@ -4,7 +4,7 @@
         [--rounds 3] [--sides reference,moments,port,port_tf13] [--iterations N] [--data_root DIR]
 
 For every configuration (the paper's commands, shortened) each round runs the reference as shipped
-(TF 1.15, fused batch norm, in the venv ../shared/reference/run_reference.sh builds), the reference
+(TF 1.15, fused batch norm; where its code and venv are found: bench/reference.py), the reference
 computing batch norm from moments (`--moments`, whose meta-gradient on TF 1.15 is TF 1.3's) and this
 port, one after the other, the order turned around every round. `port_tf13` is the port with
 `--moments_stop_gradient=True`: the same math as `moments`, so `port_tf13 / moments` is the
@@ -13,8 +13,9 @@ run's time per meta-iteration comes from the moments its progress lines appear (
 validation included, start-up excluded): from the first printed iteration to the last. Prints the
 medians over the rounds, the ratios port / reference, and the start-up times (process start to "Done
 initializing"; the port's first run decodes the images, later ones read its pixel cache). Nothing
-else heavy may run meanwhile. Without a Python 3.7 for the reference, it says so and prints the
-port's figures alone.
+else heavy may run meanwhile. Without the reference, it says what is missing and prints the port's
+figures alone. Omniglot comes from --data_root's omniglot_resized/, else $MAML_OMNIGLOT_ZIPS, else
+the official download (bench_train.prepare_data).
 """
 import argparse
 import os
@@ -27,9 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference  # noqa: E402
 from bench_train import CONFIGS, REPO, prepare_data  # noqa: E402
 
-REFERENCE = REPO.parent / 'shared' / 'reference'
 MEASURED = {   # configuration: (bench_train's flags, iterations to run, progress lines every N iterations)
     'sinusoid': ('sinusoid', [], 5001, 1000),
     'omniglot5': ('omniglot5', [], 401, 100),
@@ -48,46 +49,6 @@ def flags_of(name, iterations=None):
     return flags + extra + ['--metatrain_iterations=%d' % iterations], CONFIGS[base][1]
 
 
-def reference_venv():
-    return Path(os.environ.get('REFERENCE_VENV', Path.home() / '.cache' / 'maml-reference-tf115'))
-
-
-def reference_available():
-    """Builds the reference's venv once (run_reference.sh does); False without a Python 3.7."""
-    if not (reference_venv() / 'bin' / 'python').is_file():
-        subprocess.run([str(REFERENCE / 'run_reference.sh'), '--', '--datasource=sinusoid', '--metatrain_iterations=0',
-                        '--norm=None', '--train=False'], capture_output=True, text=True)
-    return (reference_venv() / 'bin' / 'python').is_file()
-
-
-def reference_env(**extra):
-    """The environment for a reference run: without TF2_BEHAVIOR, which importing TF 2 sets in its
-    own process (and so in its children's), and which would turn TF 1.15 eager."""
-    env = dict(os.environ, **extra)
-    env.pop('TF2_BEHAVIOR', None)
-    return env
-
-
-def reference_copy(moments, data_root, kind):
-    """A fresh copy of the reference's code with its data/ linked, as run_reference.sh makes one
-    (which links Omniglot only), `--moments` patched in the same way."""
-    work = Path(tempfile.mkdtemp(prefix='reference_'))
-    shutil.copytree(REFERENCE / 'maml', work, dirs_exist_ok=True)
-    if moments:
-        shutil.copy(REFERENCE / 'tf_contrib_moments.py', work)
-        utils = work / 'utils.py'
-        utils.write_text(utils.read_text().replace(
-            'from tensorflow.contrib.layers.python import layers as tf_layers', 'import tf_contrib_moments as tf_layers'))
-        assert 'tf_contrib_moments' in utils.read_text()
-    (work / 'data').mkdir(exist_ok=True)
-    for folder in {'omniglot': ['omniglot_resized'], 'mini': ['miniImagenet']}.get(kind, []):
-        target = work / 'data' / folder
-        if target.exists() or target.is_symlink():
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-        target.symlink_to(data_root / folder, target_is_directory=True)
-    return work
-
-
 def command(side, name, data_root, logdir, iterations=None):
     """(command line, working folder) of one run."""
     flags, kind = flags_of(name, iterations)
@@ -95,15 +56,15 @@ def command(side, name, data_root, logdir, iterations=None):
     if side in PORT_SIDES:
         return ([sys.executable, '-u', str(REPO / 'main.py')] + flags + PORT_SIDES[side] +
                 ['--data_root=' + str(data_root)], REPO)
-    work = reference_copy(side == 'moments', data_root, kind)
-    return [str(reference_venv() / 'bin' / 'python'), '-u', 'main.py'] + flags, work
+    work = reference.working_copy(moments=side == 'moments', data_root=data_root)
+    return [str(reference.python()), '-u', 'main.py'] + flags, work
 
 
 def timed_run(cmd, cwd, logdir):
     """Runs cmd; returns (seconds to 'Done initializing', ms per iteration between the first and the
     last progress line)."""
     logdir.mkdir(parents=True, exist_ok=True)
-    env = reference_env(PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
+    env = reference.env(PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
     start = time.perf_counter()
     with open(logdir / 'stderr.txt', 'w') as err:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=str(cwd))
@@ -140,9 +101,9 @@ def main():
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
         parser.error('--sides: no side {}; the sides are {}'.format(', '.join(unknown), ', '.join(SIDES)))
-    if any(s not in PORT_SIDES for s in sides) and not reference_available():
-        print('The reference cannot run here (run_reference.sh needs a Python 3.7 for TensorFlow 1.15): '
-              'the port\'s figures alone.')
+    missing = reference.problem() if any(s not in PORT_SIDES for s in sides) else None
+    if missing:
+        print('The reference cannot run here ({}): the port\'s figures alone.'.format(missing))
         sides = [s for s in sides if s in PORT_SIDES] or ['port']
     first_port = next((s for s in sides if s in PORT_SIDES), None)   # its first run decodes the images
     tmp = Path(tempfile.mkdtemp(prefix='side_by_side_'))

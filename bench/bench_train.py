@@ -7,8 +7,9 @@ Prints, per configuration: start-up seconds (process start to the first iteratio
 `graph` part is main.py's own "Data and graph ready" figure, after imports), steady-state
 milliseconds per meta-iteration (median over the progress intervals after the first), peak
 resident memory of the process, and what the run wrote (checkpoint and events file sizes).
-Omniglot is prepared from ../shared/data/omniglot into a temporary folder unless --data_root
-already holds omniglot_resized/; MiniImagenet uses generated stand-in images of the real size.
+Omniglot: --data_root's omniglot_resized/ if it is there, else prepared into --data_root (a temporary
+folder by default) from $MAML_OMNIGLOT_ZIPS, else from the official download (checked against its
+pinned checksums); MiniImagenet uses generated stand-in images of the real size.
 
 --startup_only stops each run at "Done initializing" and prints only its start-up; with --rounds
 it runs every configuration that many times, interleaved, and prints the first run and the median
@@ -45,8 +46,8 @@ CONFIGS = {
 def prepare_data(kind, data_root):
     if kind == 'omniglot' and not (data_root / 'omniglot_resized').is_dir():
         import prepare_omniglot
-        prepare_omniglot.prepare(data_root / 'omniglot_resized',
-                                 source_dir=REPO.parent / 'shared' / 'data' / 'omniglot')
+        zips = os.environ.get(prepare_omniglot.ZIPS_ENV)
+        prepare_omniglot.prepare(data_root / 'omniglot_resized', source_dir=Path(zips) if zips else None)
     if kind == 'mini' and not (data_root / 'miniImagenet').is_dir():
         from tests.standin import make_miniimagenet_prepared
         make_miniimagenet_prepared(data_root / 'miniImagenet', classes=(64, 16, 20), images_per_class=600)

@@ -11,6 +11,7 @@ folder OUT.partial-PID and renamed to OUT only once it checks out, so OUT is
 either absent or complete.  Rerunning on a complete OUT does nothing.
 """
 import argparse
+import hashlib
 import io
 import multiprocessing
 import os
@@ -41,6 +42,13 @@ ZIP_NAMES = ('images_background.zip', 'images_evaluation.zip')
 URL_BASE = 'https://github.com/brendenlake/omniglot/raw/master/python/'
 EXPECTED_ALPHABETS = 50
 EXPECTED_CHARACTERS = 1623
+# The official zips, pinned: a download that differs is refused.
+ZIP_SHA256 = {
+    'images_background.zip': '8a23b104cd953eb466857267ff2f910b9159c4c5bfccc5ed76aa67744e5ccf33',
+    'images_evaluation.zip': 'cb1abb90dabf553a47b7e5319ff42b18fef1bd113933b92ca327767b2ca03768',
+}
+# Where tests and benchmarks find the two official zips (a folder holding both).
+ZIPS_ENV = 'MAML_OMNIGLOT_ZIPS'
 DRAWINGS_PER_CHARACTER = 20
 PARTIAL_MARK = '.partial-'
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -57,6 +65,13 @@ def zip_url(zip_name):
 
 
 # ---------------------------------------------------------------- checking
+
+class Expected(namedtuple('Expected', 'alphabets characters')):
+    """How many alphabets and characters a prepared folder must hold."""
+
+
+FULL_SET = Expected(EXPECTED_ALPHABETS, EXPECTED_CHARACTERS)
+
 
 class Survey(namedtuple('Survey', 'alphabets characters images problems')):
     """What a folder holds, and how it differs from complete Omniglot."""
@@ -87,8 +102,9 @@ def visible_entries(folder):
     return sorted(entries, key=lambda e: e.name)
 
 
-def survey_folder(root):
-    """Count alphabets/characters/images under root and list what is off.
+def survey_folder(root, expected=FULL_SET):
+    """Count alphabets/characters/images under root and list what is off
+    (against `expected`: the full set unless a test prepares a subset).
 
     Reads only PNG headers, so checking a complete folder takes well
     under a second.
@@ -106,17 +122,17 @@ def survey_folder(root):
             wrong_counts.append((character.path, len(pngs)))
         wrong_sizes += [(p, s) for p in pngs for s in [png_size(p)]
                         if s != IMAGE_SIZE]
-    problems = count_problems(len(alphabets), len(characters))
+    problems = count_problems(len(alphabets), len(characters), expected)
     problems += detail_problems(root, stray, wrong_counts, wrong_sizes)
     return Survey(len(alphabets), len(characters), images, problems)
 
 
-def count_problems(alphabets, characters):
+def count_problems(alphabets, characters, expected=FULL_SET):
     problems = []
-    if alphabets != EXPECTED_ALPHABETS:
-        problems.append(f'expected {EXPECTED_ALPHABETS} alphabets')
-    if characters != EXPECTED_CHARACTERS:
-        problems.append(f'expected {EXPECTED_CHARACTERS} characters')
+    if alphabets != expected.alphabets:
+        problems.append(f'expected {expected.alphabets} alphabets')
+    if characters != expected.characters:
+        problems.append(f'expected {expected.characters} characters')
     return problems
 
 
@@ -322,12 +338,12 @@ def remove_stale_partials(dest):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def move_into_place(partial, dest):
+def move_into_place(partial, dest, expected=FULL_SET):
     try:
         os.replace(partial, dest)
     except OSError:
         # A concurrent run may have finished first; its result is as good.
-        if not (dest.is_dir() and survey_folder(dest).complete):
+        if not (dest.is_dir() and survey_folder(dest, expected).complete):
             raise PrepareError(f'cannot rename {partial} to {dest}; '
                                f'remove {dest} and rerun') from None
         shutil.rmtree(partial, ignore_errors=True)
@@ -335,7 +351,7 @@ def move_into_place(partial, dest):
 
 # --------------------------------------------------------------- driving
 
-def build(dest, source_dir, workers):
+def build(dest, source_dir, workers, expected=FULL_SET):
     zip_paths = locate_zips(source_dir)
     images_by_zip = {path: list_images(path) for path in zip_paths}
     check_alphabets_disjoint(images_by_zip)
@@ -344,13 +360,13 @@ def build(dest, source_dir, workers):
     partial.mkdir(parents=True)
     try:
         convert_all(images_by_zip, partial, workers)
-        survey = survey_folder(partial)
+        survey = survey_folder(partial, expected)
         if not survey.complete:
             raise PrepareError(
                 f'the zips in {source_dir} are not the Omniglot set: '
                 f'{survey.describe()}; download the official zips from '
                 f'{URL_BASE}')
-        move_into_place(partial, dest)
+        move_into_place(partial, dest, expected)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return survey
@@ -366,9 +382,28 @@ def download_zips(download_dir, fetch, log):
             raise PrepareError(
                 f'could not download {url} ({error}); check the network, or '
                 'download both zips by hand and run with --from DIR') from None
+        check_download(Path(download_dir) / zip_name, url)
 
 
-def check_existing(dest):
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for block in iter(lambda: file.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_download(path, url):
+    """A downloaded zip must be the official one (its pinned sha256)."""
+    got = sha256_of(path)
+    if got != ZIP_SHA256[path.name]:
+        raise PrepareError(
+            f'{url} downloaded with sha256 {got[:16]}..., not the official '
+            f'{ZIP_SHA256[path.name][:16]}...; download it again, or by hand '
+            'and run with --from DIR')
+
+
+def check_existing(dest, expected=FULL_SET):
     """Survey of a complete dest, None if there is nothing there yet."""
     if not dest.exists():
         return None
@@ -378,7 +413,7 @@ def check_existing(dest):
     if not any(dest.iterdir()):
         dest.rmdir()
         return None
-    survey = survey_folder(dest)
+    survey = survey_folder(dest, expected)
     if survey.complete:
         return survey
     raise PrepareError(
@@ -387,22 +422,25 @@ def check_existing(dest):
 
 
 def prepare(dest=DEFAULT_DEST, source_dir=None,
-            fetch=urllib.request.urlretrieve, workers=2, log=print):
+            fetch=urllib.request.urlretrieve, workers=2, log=print,
+            expected=FULL_SET):
     """Make dest hold the 28x28 Omniglot set; returns (Survey, was_ready).
 
     source_dir holds the two zips; without it they are downloaded with
-    fetch(url, filename) into a temporary folder.
+    fetch(url, filename) into a temporary folder and checked against
+    their pinned checksums. `expected`: the counts to find (the full set;
+    tests prepare a subset).
     """
     dest = Path(dest).absolute()
     remove_stale_partials(dest)
-    existing = check_existing(dest)
+    existing = check_existing(dest, expected)
     if existing is not None:
         return existing, True
     if source_dir is not None:
-        return build(dest, source_dir, workers), False
+        return build(dest, source_dir, workers, expected), False
     with tempfile.TemporaryDirectory(prefix='omniglot-download-') as tmp:
         download_zips(tmp, fetch, log)
-        return build(dest, tmp, workers), False
+        return build(dest, tmp, workers, expected), False
 
 
 def display_path(path):

@@ -1,14 +1,17 @@
-"""Checkpoints: saved inside the loop, exact resume, relaunch, reference checkpoints, --test_iter."""
+"""Checkpoints: relaunch, reference checkpoints, --test_iter, the variables saved (resuming after faults:
+test_faults.py)."""
 import dataclasses
 import shutil
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import main
-from tests.conftest import GOLDEN
 from maml import MAML, ModelConfig
-from tests.cli import assert_one_line_error, run_main
+from tests.cli import run_main
+from tests.conftest import GOLDEN, SINUSOID_FLAGS, SINUSOID_ITERATIONS
+from utils import UserError
 
 tf1 = tf.compat.v1
 FLAGS = ['--datasource=sinusoid', '--norm=None', '--update_batch_size=10', '--update_lr=0.01']
@@ -17,60 +20,41 @@ MINI_CKPT = GOLDEN / 'reference_checkpoints' / 'miniimagenet1shot'
 MINI_EXP = 'cls_5.mbs_4.ubs_1.numstep5.updatelr0.01hidden32maxpoolbatchnorm'
 
 
-def checkpoint_values(path):
-    reader = tf1.train.load_checkpoint(str(path))
-    return {name: reader.get_tensor(name) for name, _ in tf1.train.list_variables(str(path))}
-
-
 def checkpoints_in(folder):
     return sorted(p.name[:-len('.index')] for p in folder.glob('model*.index'))
 
 
-def test_interrupted_run_resumed_ends_with_the_same_weights(tmp_path):
-    full = tmp_path / 'full'
-    result = run_main(*FLAGS, '--metatrain_iterations=1200', '--logdir=' + str(full))
+def test_relaunching_a_finished_run_trains_nothing(copy_of_sinusoid_run, run_in_process, capsys):
+    logdir, exp, _ = copy_of_sinusoid_run
+    before = sorted(p.name for p in exp.iterdir())
+    assert not list(exp.glob('*.meta'))     # checkpoints hold weights and optimizer state only
+    run_in_process(*SINUSOID_FLAGS, '--metatrain_iterations=%d' % SINUSOID_ITERATIONS, '--logdir=' + str(logdir))
+    assert 'Training already finished: {} holds iteration 2099 of 2100; nothing to do.'.format(
+        exp / 'model2099') in capsys.readouterr().out
+    assert sorted(p.name for p in exp.iterdir()) == before
+
+
+def test_test_iter_evaluates_the_named_checkpoint(copy_of_sinusoid_run, main_flags):
+    logdir, exp, _ = copy_of_sinusoid_run
+    command = SINUSOID_FLAGS + ['--metatrain_iterations=%d' % SINUSOID_ITERATIONS, '--logdir=' + str(logdir)]
+    result = run_main(*command, '--train=False', '--test_iter=1000')
     assert result.returncode == 0, result.stderr
-    assert checkpoints_in(full / EXP) == ['model1000', 'model1199']
-    assert not list((full / EXP).glob('*.meta'))     # weights and optimizer state only
-
-    # The same run, stopped after iteration 1000: only model1000 exists.
-    resumed = tmp_path / 'resumed'
-    shutil.copytree(full, resumed)
-    for f in (resumed / EXP).glob('model1199.*'):
-        f.unlink()
-    (resumed / EXP / 'checkpoint').write_text('model_checkpoint_path: "model1000"\n')
-    result = run_main(*FLAGS, '--metatrain_iterations=1200', '--logdir=' + str(resumed))
-    assert result.returncode == 0, result.stderr
-    assert 'Restoring model weights from ' + str(resumed / EXP / 'model1000') in result.stdout
-
-    want, got = checkpoint_values(full / EXP / 'model1199'), checkpoint_values(resumed / EXP / 'model1199')
-    assert set(got) == set(want) and any('Adam' in name for name in got)
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
-
-    # Relaunching the finished run trains nothing and does not crash.
-    before = sorted(p.name for p in (full / EXP).iterdir())
-    result = run_main(*FLAGS, '--metatrain_iterations=1200', '--logdir=' + str(full))
-    assert result.returncode == 0, result.stderr
-    assert 'already finished' in result.stdout
-    assert sorted(p.name for p in (full / EXP).iterdir()) == before
-
-    # --test_iter evaluates the named checkpoint; a missing one is a clear error.
-    result = run_main(*FLAGS, '--train=False', '--test_iter=1000', '--logdir=' + str(full))
-    assert result.returncode == 0, result.stderr
-    assert 'Restoring model weights from ' + str(full / EXP / 'model1000') in result.stdout
-    result = run_main(*FLAGS, '--train=False', '--test_iter=1234', '--logdir=' + str(full))
-    assert_one_line_error(result, 'model1234', '1000', '1199')
+    assert 'Restoring model weights from ' + str(exp / 'model1000') in result.stdout
+    assert (exp / 'test_ubs5_stepsize0.001.csv').is_file()
+    # A missing one is a clear error naming the ones there are.
+    with pytest.raises(UserError) as raised:
+        main.evaluation_checkpoint(main_flags(*command, '--train=False', '--test_iter=1234'), str(exp))
+    assert all(n in str(raised.value) for n in ('model1234', '1000', '2000', '2099')), raised.value
 
 
-def test_reference_checkpoint_resumes_training_with_fresh_optimizer(tmp_path):
+def test_reference_checkpoint_resumes_training_with_fresh_optimizer(tmp_path, read_checkpoint):
     logdir = tmp_path / 'sine'
     shutil.copytree(GOLDEN / 'sinusoid_trained', logdir, ignore=shutil.ignore_patterns('expected'))
     result = run_main(*FLAGS, '--metatrain_iterations=5003', '--logdir=' + str(logdir))
     assert result.returncode == 0, result.stderr
     assert 'optimizer state starts fresh' in result.stdout
-    new = checkpoint_values(logdir / EXP / 'model5002')
-    old = checkpoint_values(logdir / EXP / 'model4999')
+    new = read_checkpoint(logdir / EXP / 'model5002')
+    old = read_checkpoint(logdir / EXP / 'model4999')
     assert set(old) < set(new)                                  # now with Adam's state
     assert 0 < np.abs(new['model/Variable_2'] - old['model/Variable_2']).max() < 0.01
 

@@ -1,23 +1,26 @@
 """Faults during long runs: damaged checkpoints, kills (during a save too), two runs on one folder,
-a failing save. Real main.py processes; each resumes and is compared with an uninterrupted run."""
+a failing save. Real main.py processes, each resumed and compared with an uninterrupted run
+(conftest's sinusoid_run); the bookkeeping behind them also in-process, on small checkpoints."""
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.cli import REPO, assert_one_line_error, run_main
+import main
+import utils
+from tests.cli import REPO, run_main
+from tests.conftest import SINUSOID_EXPERIMENT as EXP, SINUSOID_FLAGS as FLAGS, SINUSOID_ITERATIONS as TOTAL
 from utils import checkpoint_problem
 
 tf1 = tf.compat.v1
-FLAGS = ['--datasource=sinusoid', '--norm=None', '--update_batch_size=5', '--meta_batch_size=4', '--log=False']
-EXP = 'cls_5.mbs_4.ubs_5.numstep1.updatelr0.001nonorm'
-TOTAL = 2100    # checkpoints model1000, model2000, model2099
 
 # main.py with a fault injected into utils.save_checkpoint at model{KILL_AT}: the process dies
 # (os._exit, like kill -9: no handler, no cleanup) at KILL_POINT, or the save fails like a full disk.
@@ -55,16 +58,14 @@ def run_faulty(point, at, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-def values(path):
-    reader = tf1.train.load_checkpoint(str(path))
-    return {name: reader.get_tensor(name) for name, _ in tf1.train.list_variables(str(path))}
-
-
-def assert_same_weights(path, reference):
-    got = values(path)
-    assert set(got) == set(reference) and any('Adam' in name for name in got)
-    for name in reference:
-        np.testing.assert_allclose(got[name], reference[name], atol=1e-6, err_msg=name)
+@pytest.fixture
+def assert_same_weights(read_checkpoint):
+    def check(path, reference):
+        got = read_checkpoint(path)
+        assert set(got) == set(reference) and any('Adam' in name for name in got)
+        for name in reference:
+            np.testing.assert_allclose(got[name], reference[name], atol=1e-6, err_msg=name)
+    return check
 
 
 def restored_from(result):
@@ -72,23 +73,15 @@ def restored_from(result):
     return os.path.basename(lines[-1].split()[-1]) if lines else None
 
 
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-    """An uninterrupted run of TOTAL iterations: its folder and the final weights."""
-    logdir = tmp_path_factory.mktemp('finished')
-    result = run_main(*FLAGS, '--metatrain_iterations=%d' % TOTAL, '--logdir=' + str(logdir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    exp = logdir / EXP
-    assert sorted(p.name for p in exp.glob('model*.index')) == [
-        'model1000.index', 'model2000.index', 'model2099.index']
-    return logdir, values(exp / 'model2099')
+@pytest.fixture
+def finished(sinusoid_run):
+    """The uninterrupted run: its folder and the final weights."""
+    return sinusoid_run[0], sinusoid_run[2]
 
 
 @pytest.fixture
-def copy_of_finished(finished, tmp_path):
-    logdir = tmp_path / 'logs'
-    shutil.copytree(finished[0], logdir)
-    return logdir, logdir / EXP, finished[1]
+def copy_of_finished(copy_of_sinusoid_run):
+    return copy_of_sinusoid_run
 
 
 def resume(logdir, total=TOTAL):
@@ -96,65 +89,98 @@ def resume(logdir, total=TOTAL):
 
 
 # ------------------------------------------------------------------------------ damaged checkpoint
-@pytest.mark.parametrize('damage', ['truncated data', 'bad index'])
-def test_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_the_newest_intact(
-        copy_of_finished, damage):
-    logdir, exp, final_weights = copy_of_finished
-    if damage == 'truncated data':
+def damage(exp, how):
+    """Damages the newest checkpoint (model2099) or the `checkpoint` file naming it."""
+    if how == 'truncated data':
         with open(exp / 'model2099.data-00000-of-00001', 'r+b') as f:
             f.truncate(100)
-    else:
+    elif how == 'bad index':
         (exp / 'model2099.index').write_bytes(b'\0garbage' * 8)
-    assert checkpoint_problem(str(exp / 'model2099'))
-    result = resume(logdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    damaged_line = [line for line in result.stdout.splitlines() if line.startswith('Checkpoint ')]
-    assert len(damaged_line) == 1 and str(exp / 'model2099') in damaged_line[0], result.stdout
-    assert 'is damaged' in damaged_line[0] and 'moved its files to ' + str(exp / 'damaged') in damaged_line[0]
-    aside = damaged_line[0].split('moved its files to ')[1].rstrip('.')
-    assert sorted(os.listdir(aside)) == ['model2099.data-00000-of-00001', 'model2099.index']
-    assert 'Resuming from {}.'.format(exp / 'model2000') in result.stdout
-    assert restored_from(result) == 'model2000'
-    assert_same_weights(exp / 'model2099', final_weights)       # the lost 99 iterations redone exactly
+    elif how == 'missing index':
+        (exp / 'model2099.index').unlink()
+    else:   # a stale checkpoint file
+        (exp / 'checkpoint').write_text('model_checkpoint_path: "model9999"\n'
+                                        'all_model_checkpoint_paths: "model9999"\n')
 
 
-def test_missing_index_and_a_checkpoint_file_naming_it(copy_of_finished):
+RESUMES = {   # damage: (the checkpoint training resumes from, what main.py prints about it)
+    'truncated data': ('model2000', 'Checkpoint {exp}/model2099 is damaged'),
+    'bad index': ('model2000', 'Checkpoint {exp}/model2099 is damaged'),
+    'missing index': ('model2000', 'The checkpoint file names {exp}/model2099, which does not exist'),
+    'stale checkpoint file': ('model2099', 'The checkpoint file names {exp}/model9999, which does not exist; '
+                                           'using the newest intact checkpoint, {exp}/model2099'),
+}
+
+
+@pytest.mark.parametrize('how', list(RESUMES))
+def test_training_resumes_from_the_newest_intact_checkpoint(copy_of_finished, capsys, how):
+    """What main.py's start does with each damage (in-process: main.training_checkpoint)."""
+    _, exp, _ = copy_of_finished
+    damage(exp, how)
+    resumes_from, line = RESUMES[how]
+    path = main.training_checkpoint(types.SimpleNamespace(resume=True, test_iter=-1), str(exp))
+    assert path == str(exp / resumes_from)
+    printed = capsys.readouterr().out
+    assert line.format(exp=exp) in printed, printed
+    if 'damaged' in line:   # moved aside, never deleted
+        moved = [l for l in printed.splitlines() if l.startswith('Checkpoint ')]
+        assert len(moved) == 1 and 'moved its files to ' + str(exp / 'damaged') in moved[0]
+        aside = moved[0].split('moved its files to ')[1].rstrip('.')
+        assert sorted(os.listdir(aside)) == ['model2099.data-00000-of-00001', 'model2099.index']
+        assert 'Resuming from {}.'.format(exp / 'model2000') in printed
+
+
+@pytest.mark.parametrize('how', [pytest.param(how, marks=[pytest.mark.slow] if how != 'truncated data' else [])
+                                 for how in RESUMES])
+def test_damaged_newest_checkpoint_is_set_aside_and_training_redoes_what_was_lost(
+        copy_of_finished, how, assert_same_weights):
     logdir, exp, final_weights = copy_of_finished
-    (exp / 'model2099.index').unlink()
-    result = resume(logdir)
+    damage(exp, how)
+    resumes_from, line = RESUMES[how]
+    total = TOTAL + 200 if how == 'stale checkpoint file' else TOTAL
+    result = resume(logdir, total)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'The checkpoint file names {}, which does not exist'.format(exp / 'model2099') in result.stdout
-    assert restored_from(result) == 'model2000'
-    assert_same_weights(exp / 'model2099', final_weights)
+    assert line.format(exp=exp) in result.stdout, result.stdout
+    assert restored_from(result) == resumes_from
+    if resumes_from == 'model2000':
+        assert_same_weights(exp / 'model2099', final_weights)       # the lost 99 iterations redone exactly
+    else:
+        assert (exp / 'model2299.index').is_file()
+        assert 'model_checkpoint_path: "model2299"' in (exp / 'checkpoint').read_text()
 
 
-def test_stale_checkpoint_file_naming_an_absent_checkpoint(copy_of_finished):
-    logdir, exp, _ = copy_of_finished
-    (exp / 'checkpoint').write_text('model_checkpoint_path: "model9999"\n'
-                                    'all_model_checkpoint_paths: "model9999"\n')
-    result = resume(logdir, total=2300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'names {}, which does not exist; using the newest intact checkpoint, {}'.format(
-        exp / 'model9999', exp / 'model2099') in result.stdout
-    assert restored_from(result) == 'model2099'
-    assert (exp / 'model2299.index').is_file()
-    assert 'model_checkpoint_path: "model2299"' in (exp / 'checkpoint').read_text()
-
-
-def test_evaluating_a_damaged_test_iter_names_it_and_the_intact_ones(copy_of_finished):
-    logdir, exp, _ = copy_of_finished
+def corrupt_in_place(exp):
     with open(exp / 'model2000.data-00000-of-00001', 'r+b') as f:
         f.seek(200)
         f.write(b'\xff' * 64)                                     # corrupted in place: a checksum error
-    result = run_main(*FLAGS, '--train=False', '--test_iter=2000', '--logdir=' + str(logdir))
-    line = assert_one_line_error(result, '--test_iter=2000', str(exp / 'model2000'), 'damaged', '1000', '2099')
-    assert 'intact: [1000, 2099]' in line
+
+
+def test_evaluating_a_damaged_test_iter_names_it_and_the_intact_ones(copy_of_finished):
+    _, exp, _ = copy_of_finished
+    corrupt_in_place(exp)
+    with pytest.raises(utils.UserError) as raised:
+        main.evaluation_checkpoint(types.SimpleNamespace(test_iter=2000), str(exp))
+    message = str(raised.value)
+    for needle in ('--test_iter=2000', str(exp / 'model2000'), 'damaged', 'intact: [1000, 2099]'):
+        assert needle in message, message
     assert (exp / 'model2000.index').is_file()                    # evaluation moves nothing
 
 
+@pytest.mark.slow
+def test_evaluating_a_damaged_test_iter_through_main(copy_of_finished, one_line_error):
+    logdir, exp, _ = copy_of_finished
+    corrupt_in_place(exp)
+    result = run_main(*FLAGS, '--train=False', '--test_iter=2000', '--logdir=' + str(logdir))
+    line = one_line_error(result, '--test_iter=2000', str(exp / 'model2000'), 'damaged', '1000', '2099')
+    assert 'intact: [1000, 2099]' in line
+    assert (exp / 'model2000.index').is_file()
+
+
 # ------------------------------------------------------------------------------ killed at any moment
+@pytest.mark.slow
 @pytest.mark.parametrize('point', ['after_write', 'between_renames', 'before_state'])
-def test_killed_during_a_save_resumes_from_the_newest_complete_checkpoint(finished, tmp_path, point):
+def test_killed_during_a_save_resumes_from_the_newest_complete_checkpoint(finished, tmp_path, point,
+                                                                          assert_same_weights):
     logdir = tmp_path / 'logs'
     killed = run_faulty(point, 2000, *FLAGS, '--metatrain_iterations=%d' % TOTAL, '--logdir=' + str(logdir))
     assert killed.returncode == 9, killed.stdout[-2000:] + killed.stderr[-2000:]
@@ -171,7 +197,8 @@ def test_killed_during_a_save_resumes_from_the_newest_complete_checkpoint(finish
     assert_same_weights(exp / 'model2099', finished[1])
 
 
-def test_kill_9_near_a_save_loses_at_most_one_save_interval(finished, tmp_path):
+@pytest.mark.slow
+def test_kill_9_near_a_save_loses_at_most_one_save_interval(finished, tmp_path, assert_same_weights):
     logdir = tmp_path / 'logs'
     process = subprocess.Popen([sys.executable, '-u', str(REPO / 'main.py'), *FLAGS,
                                 '--metatrain_iterations=%d' % TOTAL, '--logdir=' + str(logdir)],
@@ -189,37 +216,69 @@ def test_kill_9_near_a_save_loses_at_most_one_save_interval(finished, tmp_path):
 
 
 # ------------------------------------------------------------------------------ two runs, one folder
-def test_a_second_run_on_a_live_folder_is_refused_and_a_killed_runs_lock_does_not_block(tmp_path):
+@pytest.mark.slow
+def test_a_second_run_on_a_live_folder_is_refused_and_a_killed_runs_lock_does_not_block(tmp_path, one_line_error):
     logdir = tmp_path / 'logs'
     first = subprocess.Popen([sys.executable, '-u', str(REPO / 'main.py'), *FLAGS,
                               '--metatrain_iterations=1000000', '--logdir=' + str(logdir)],
                              cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in first.stdout:
-            if line.startswith('Done initializing'):
+            if line.startswith('Iteration 2000:'):   # printed after model1000 was saved
                 break
         started = time.time()
         second = run_main(*FLAGS, '--metatrain_iterations=1000000', '--logdir=' + str(logdir))
-        assert_one_line_error(second, 'another training run', 'pid {}'.format(first.pid), str(logdir / EXP))
+        one_line_error(second, 'another training run', 'pid {}'.format(first.pid), str(logdir / EXP))
         assert time.time() - started < 60 and 'Done initializing' not in second.stdout
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     earlier = sorted(p.name for p in (logdir / EXP).glob('model*.index'))
+    assert 'model1000.index' in earlier
     third = run_main(*FLAGS, '--metatrain_iterations=50', '--resume=False', '--logdir=' + str(logdir))
     assert third.returncode == 0, third.stderr[-3000:]
     assert sorted(p.name for p in (logdir / EXP).glob('model*.index')) == ['model49.index']
-    if earlier:   # what the killed run saved is set aside, not deleted
-        assert '--resume=False: moved the {} earlier checkpoint(s) to'.format(len(earlier)) in third.stdout
-        assert sorted(p.name for p in (logdir / EXP / 'previous').glob('*/model*.index')) == earlier
+    # What the killed run saved is set aside, not deleted.
+    assert '--resume=False: moved the {} earlier checkpoint(s) to'.format(len(earlier)) in third.stdout
+    assert sorted(p.name for p in (logdir / EXP / 'previous').glob('*/model*.index')) == earlier
+
+
+def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    """lock_experiment in-process against a holder in another process: refused with its pid while it
+    lives; once it is killed (-9: no cleanup) the lock is free."""
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(REPO), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(utils.UserError, match='another training run \\(pid {} on'.format(holder.pid)):
+            utils.lock_experiment(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = utils.lock_experiment(str(tmp_path))
+    try:
+        assert (tmp_path / '.lock').read_text().startswith('pid {} on'.format(os.getpid()))
+    finally:
+        utils._held_locks.remove(fd)
+        os.close(fd)
+
+
+HOLD_LOCK = """import sys, time
+sys.path.insert(0, sys.argv[1])
+from utils import lock_experiment
+lock_experiment(sys.argv[2])
+print('locked', flush=True)
+time.sleep(600)
+"""
 
 
 # ------------------------------------------------------------------------------ a failing save
-def test_a_failing_save_stops_with_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+@pytest.mark.slow
+def test_a_failing_save_stops_with_one_line_and_keeps_the_earlier_checkpoints(tmp_path, one_line_error):
     logdir = tmp_path / 'logs'
     result = run_faulty('disk_full', 2000, *FLAGS, '--metatrain_iterations=%d' % TOTAL, '--logdir=' + str(logdir))
     exp = logdir / EXP
-    assert_one_line_error(result, 'could not save checkpoint model2000 at iteration 2000', str(exp),
+    one_line_error(result, 'could not save checkpoint model2000 at iteration 2000', str(exp),
                           'No space left on device', 'intact')
     assert sorted(os.listdir(exp)) == ['.lock', 'checkpoint', 'model1000.data-00000-of-00001', 'model1000.index',
                                      'moments_stop_gradient.txt']
@@ -229,7 +288,8 @@ def test_a_failing_save_stops_with_one_line_and_keeps_the_earlier_checkpoints(tm
     assert resumed.returncode == 0 and restored_from(resumed) == 'model1000', resumed.stderr[-3000:]
 
 
-def test_an_unwritable_experiment_folder_mid_run_is_a_failed_save(tmp_path):
+@pytest.mark.slow
+def test_an_unwritable_experiment_folder_mid_run_is_a_failed_save(tmp_path, one_line_error):
     """The folder replaced by a file while training: the save at model1000 fails with one line."""
     logdir = tmp_path / 'logs'
     process = subprocess.Popen([sys.executable, '-u', str(REPO / 'main.py'), *FLAGS,
@@ -243,7 +303,7 @@ def test_an_unwritable_experiment_folder_mid_run_is_a_failed_save(tmp_path):
     exp.write_text('not a folder any more')
     stdout, stderr = process.communicate(timeout=600)
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    assert_one_line_error(result, 'could not save checkpoint model1000 at iteration 1000', str(exp))
+    one_line_error(result, 'could not save checkpoint model1000 at iteration 1000', str(exp))
 
 
 def save_counter_checkpoints(folder, iterations, keep_every=0):
@@ -263,7 +323,7 @@ def save_counter_checkpoints(folder, iterations, keep_every=0):
     return [os.path.basename(p) for p in list_checkpoints(str(folder))]
 
 
-def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_file(tmp_path):
+def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_file(tmp_path, read_checkpoint):
     kept = save_counter_checkpoints(tmp_path, range(0, 13000, 1000))
     assert kept == ['model%d' % i for i in range(12000, 2000, -1000)]
     assert sorted(os.listdir(tmp_path)) == sorted(['checkpoint'] + [n + suffix for n in kept for suffix in (
@@ -272,13 +332,103 @@ def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_f
     assert (tmp_path / 'checkpoint').read_text().startswith('model_checkpoint_path: "model12000"\n')
     assert list(state.all_model_checkpoint_paths) == [str(tmp_path / n) for n in reversed(kept)]
     assert tf1.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / 'model12000')
-    np.testing.assert_array_equal(values(tmp_path / 'model12000')['v'], [13, 13, 13])
+    np.testing.assert_array_equal(read_checkpoint(tmp_path / 'model12000')['v'], [13, 13, 13])
 
 
-def test_save_checkpoint_keeps_every_multiple_of_keep_every_besides_the_newest_ten(tmp_path):
+def test_save_checkpoint_keeps_every_multiple_of_keep_every_besides_the_newest_ten(tmp_path, read_checkpoint):
     kept = save_counter_checkpoints(tmp_path, list(range(1000, 21000, 1000)) + [20999], keep_every=5000)
     assert kept == ['model20999'] + ['model%d' % i for i in range(20000, 11000, -1000)] + ['model10000', 'model5000']
     # the `checkpoint` file names the newest ten only, as without keep_every
     state = tf1.train.get_checkpoint_state(str(tmp_path))
     assert list(state.all_model_checkpoint_paths) == [str(tmp_path / n) for n in reversed(kept[:10])]
-    np.testing.assert_array_equal(values(tmp_path / 'model5000')['v'], [5, 5, 5])
+    np.testing.assert_array_equal(read_checkpoint(tmp_path / 'model5000')['v'], [5, 5, 5])
+
+
+# ------------------------------------------------------------------------------ the same, in-process
+class Killed(BaseException):
+    """Stands for kill -9 at a point of save_checkpoint: nothing after it runs, no handler cleans up."""
+
+
+@pytest.fixture
+def counter(tmp_path):
+    """(saver, session, step op) of a graph holding one counter variable."""
+    with tf.Graph().as_default():
+        variable = tf1.get_variable('v', [3], initializer=tf1.zeros_initializer())
+        step = tf1.assign_add(variable, tf.ones([3]))
+        saver = tf1.train.Saver(max_to_keep=None)
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            yield saver, sess, step
+
+
+def kill_saving(monkeypatch, point, itr):
+    """Makes save_checkpoint of model{itr} die at `point`, as FAULTY_MAIN does in a real run."""
+    real_files, real_replace = utils.checkpoint_files, os.replace
+    final = 'model{}.index'.format(itr)
+
+    def checkpoint_files(path):
+        if point == 'after_write' and path.endswith('.partial-model{}'.format(itr)):
+            raise Killed
+        return real_files(path)
+
+    def replace(src, dst):
+        if point == 'between_renames' and dst.endswith(final):
+            raise Killed
+        real_replace(src, dst)
+        if point == 'before_state' and dst.endswith(final):
+            raise Killed
+    monkeypatch.setattr(utils, 'checkpoint_files', checkpoint_files)
+    monkeypatch.setattr(utils.os, 'replace', replace)
+
+
+@pytest.mark.parametrize('point, resumes_from, partial_files', [
+    ('after_write', 'model1000', 2), ('between_renames', 'model1000', 1), ('before_state', 'model2000', 0)])
+def test_a_save_killed_at_any_point_resumes_from_the_newest_complete_checkpoint(
+        counter, tmp_path, monkeypatch, capsys, read_checkpoint, point, resumes_from, partial_files):
+    saver, sess, step = counter
+    sess.run(step)
+    utils.save_checkpoint(saver, sess, str(tmp_path), 1000)
+    sess.run(step)
+    with monkeypatch.context() as patched:
+        kill_saving(patched, point, 2000)
+        with pytest.raises(Killed):
+            utils.save_checkpoint(saver, sess, str(tmp_path), 2000)
+    assert 'model_checkpoint_path: "model1000"' in (tmp_path / 'checkpoint').read_text()
+    capsys.readouterr()
+    path = main.training_checkpoint(types.SimpleNamespace(resume=True, test_iter=-1), str(tmp_path))
+    assert path == str(tmp_path / resumes_from)
+    printed = capsys.readouterr().out
+    removed = re.findall(r'Removed (\d+) temporary file\(s\) of a save that was interrupted', printed)
+    assert [int(n) for n in removed] == ([partial_files] if partial_files else []), printed
+    assert not [f for f in os.listdir(tmp_path) if f.startswith('.partial')]
+    saves_before = {'model1000': 1, 'model2000': 2}[resumes_from]
+    assert read_checkpoint(path)['v'].tolist() == [saves_before] * 3
+
+
+def test_a_failing_save_raises_one_line_and_keeps_the_earlier_checkpoints(counter, tmp_path):
+    saver, sess, step = counter
+    sess.run(step)
+    utils.save_checkpoint(saver, sess, str(tmp_path), 1000)
+
+    class FullDisk:
+        def save(self, sess, path, **kwargs):
+            open(path + '.index', 'w').close()          # a part written, then the disk is full
+            raise OSError(28, 'No space left on device')
+    with pytest.raises(utils.UserError) as raised:
+        utils.save_checkpoint(FullDisk(), sess, str(tmp_path), 2000)
+    message = str(raised.value)
+    assert '\n' not in message
+    for needle in ('could not save checkpoint model2000 at iteration 2000', str(tmp_path), 'No space left on device',
+                   'intact', 'rerun the same command'):
+        assert needle in message, message
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint', 'model1000.data-00000-of-00001', 'model1000.index']
+    assert checkpoint_problem(str(tmp_path / 'model1000')) is None
+
+
+def test_a_save_into_a_folder_that_became_a_file_raises_one_line(counter, tmp_path):
+    saver, sess, _ = counter
+    folder = tmp_path / 'exp'
+    folder.write_text('not a folder any more')
+    with pytest.raises(utils.UserError, match='could not save checkpoint model1000 at iteration 1000 in ' +
+                       re.escape(str(folder))):
+        utils.save_checkpoint(saver, sess, str(folder), 1000)

@@ -109,6 +109,7 @@ MODEL_CONFIGS = {
     'tf13_moments': dict(moments_stop_gradient=True),
     'first_order': dict(stop_grad=True),
 }
+SLOW_CONFIGS = ('tf13_moments', 'first_order')
 
 
 def model_outputs(enabled, extra):
@@ -136,7 +137,8 @@ def model_outputs(enabled, extra):
 
 
 @needs_onednn
-@pytest.mark.parametrize('name', list(MODEL_CONFIGS))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CONFIGS else [])
+                                  for n in MODEL_CONFIGS])
 def test_model_computes_the_same_with_the_first_layer_from_patches(name):
     without, patch_ops_without = model_outputs(False, MODEL_CONFIGS[name])
     with_patches, patch_ops = model_outputs(True, MODEL_CONFIGS[name])

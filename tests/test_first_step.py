@@ -18,6 +18,7 @@ CONFIGS = {
     'omniglot_layer_norm': dict(datasource='omniglot', norm='layer_norm'),
     'miniimagenet': dict(datasource='miniimagenet', max_pool=True),
 }
+SLOW_CONFIGS = ('omniglot_tf13_moments', 'omniglot_first_order', 'omniglot_no_norm')
 
 
 DRAWS = 8   # random draws of weights and images tried until one is conclusive (see below)
@@ -88,7 +89,8 @@ def smooth_piece(relu_outputs, pool_inputs):
     return signs + choices
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CONFIGS else [])
+                                  for n in sorted(CONFIGS)])
 def test_first_step_from_shared_weights_is_the_per_task_step(name):
     """Both compute the same piecewise-smooth function in a different float32 order. Where a ReLU's
     input, or two candidates of a max pool, lie within rounding of each other, the two can land on

@@ -32,7 +32,7 @@ def convolutions(num_updates, test_num_updates, fetch_last_step=False, stop_grad
         return collections.Counter(convolutions_run_by(sess, fetch, EXAMPLES))
 
 
-@pytest.mark.parametrize('num_updates', [1, 2])
+@pytest.mark.parametrize('num_updates', [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_meta_update_runs_only_the_inner_steps_it_needs(num_updates):
     needed = convolutions(num_updates, test_num_updates=num_updates)
     in_graph_of_ten = convolutions(num_updates, test_num_updates=10)

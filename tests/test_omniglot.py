@@ -1,9 +1,11 @@
-"""Omniglot end to end on the real prepared set (session fixture `omniglot_root`).
+"""Omniglot end to end: on the real subset in tests/data/omniglot (prepared as users prepare the full
+set), on a stand-in made of it with as many characters as main.py's split needs, and (slow) on the
+full set where it is given.
 
 1. the 1100/100/423 character split, independent of the folder listing order;
 2. the task sampler (ImageTasks.index_dataset), decoded and checked task by task and statistically,
    plus the pixels that make_input_tensors feeds the model;
-3. a short real training run of main.py, then its evaluation on the test set;
+3. short training runs of main.py, then their evaluation on the test set;
 4. data errors: one `error:` line naming the preparation command, never a traceback.
 """
 import csv
@@ -23,6 +25,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data_generator as data  # noqa: E402
+from tests.cli import ENV as SUBPROCESS_ENV, main_command, run_main  # noqa: E402
+from tests.conftest import OMNIGLOT_SUBSET, STANDIN_DRAWINGS  # noqa: E402
 from utils import UserError  # noqa: E402
 
 tf1 = tf.compat.v1
@@ -44,13 +48,14 @@ def chi2(counts):
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope='module')
-def folders(omniglot_root):
-    return data.omniglot_character_folders(str(omniglot_root))
+def folders(omniglot_subset_root):
+    """The subset's 54 character folders, in the split's order."""
+    return data.omniglot_character_folders(str(omniglot_subset_root))
 
 
 @pytest.fixture(scope='module')
 def train_folders(folders):
-    return data.omniglot_split(folders, 'train')
+    return folders
 
 
 @pytest.fixture(scope='module')
@@ -82,8 +87,18 @@ def decode(image_index, num_total, per_class=PER_CLASS):
 
 
 # ------------------------------------------------------------------------------------------ 1. split
-def test_split_sizes_disjoint_and_listing_order_independent(omniglot_root, folders, monkeypatch):
-    root = str(omniglot_root)
+@pytest.fixture(scope='module')
+def full_layout(tmp_path_factory):
+    """The full set's layout without its images: 50 alphabets, 1623 character folders."""
+    root = tmp_path_factory.mktemp('layout') / 'omniglot_resized'
+    for i in range(NUM_CHARACTERS):
+        (root / 'Alphabet_{:02d}'.format(i % 50) / 'character{:02d}'.format(i // 50 + 1)).mkdir(parents=True)
+    return root
+
+
+def test_split_sizes_disjoint_and_listing_order_independent(full_layout, monkeypatch):
+    root = str(full_layout)
+    folders = data.omniglot_character_folders(root)
     assert len(folders) == NUM_CHARACTERS and len(set(folders)) == NUM_CHARACTERS
     splits = {s: data.omniglot_split(folders, s) for s in ('train', 'val', 'test')}
     assert [len(splits[s]) for s in ('train', 'val', 'test')] == [1100, 100, 423]
@@ -111,7 +126,8 @@ def test_split_sizes_disjoint_and_listing_order_independent(omniglot_root, folde
 def test_sampler_task_structure_and_statistics(train_set, num_classes, k_shot, batch_size, num_batches):
     N, K, R = num_classes, k_shot, 2 * k_shot
     num_total = train_set.num_classes
-    assert num_total == 1100 and train_set.pixels.shape == (1100, PER_CLASS, SIDE * SIDE)
+    assert num_total == OMNIGLOT_SUBSET.characters
+    assert train_set.pixels.shape == (num_total, PER_CLASS, SIDE * SIDE)
     tasks = omniglot_tasks(train_set, N, K, batch_size, seed=5)
     index, label = draw(tasks, 0, num_batches)
     assert index.shape == label.shape == (num_batches, batch_size, R * N)
@@ -269,18 +285,6 @@ def test_rot90_is_the_turn_of_tf_image_and_pil(train_folders):
 
 
 # ------------------------------------------------------------------------------------------ 3. training
-def main_command(*args):
-    return [sys.executable, str(REPO / 'main.py')] + list(args)
-
-
-SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')
-
-
-def run_main(*args, timeout=900):
-    return subprocess.run(main_command(*args), cwd=str(REPO), env=SUBPROCESS_ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 # The paper's 5-way 1-shot command (meta batch 32, one inner step of 0.4), shortened. With the pixels
 # the reference feeds (0 stroke, 1 background) it learns from the start; measured here (2-core AMD
 # EPYC, oneDNN): training post-update accuracy 0.35 / 0.47 / 0.62 at iterations 100 / 200 / 300 and
@@ -293,28 +297,20 @@ TRAIN_FLAGS = ['--metatrain_iterations={}'.format(TRAIN_ITERATIONS)]
 EXPERIMENT = 'cls_5.mbs_32.ubs_1.numstep1.updatelr0.4batchnorm'
 RESULTS = 'test_ubs1_stepsize0.4'
 QUERY_PER_TASK = 5 * K_SHOT
+# The same command, smaller (meta batch 4, 16 filters): for the stand-in.
+SMALL_FLAGS = ['--datasource=omniglot', '--meta_batch_size=4', '--update_batch_size=1', '--update_lr=0.4',
+               '--num_updates=1', '--num_filters=16']
+SMALL_EXPERIMENT = 'cls_5.mbs_4.ubs_1.numstep1.updatelr0.4hidden16batchnorm'
 
 
-def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_path):
-    data_root, logdir = str(Path(omniglot_root).parent), str(tmp_path / 'logs')
-    common = OMNIGLOT_FLAGS + TRAIN_FLAGS + ['--data_root=' + data_root, '--logdir=' + logdir]
-    trained = run_main(*common)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    lines = re.findall(r'^Iteration (\d+): (\S+), (\S+)$', trained.stdout, re.M)
-    assert [int(i) for i, _, _ in lines] == list(range(100, TRAIN_ITERATIONS, 100)), trained.stdout
-    validation = re.findall(r'^Validation results: (\S+), (\S+)$', trained.stdout, re.M)
-    assert len(validation) == 1, trained.stdout
-    assert float(validation[0][1]) > 0.45, trained.stdout    # 32 tasks x 5 query images, chance 0.2
-    post = [float(p) for _, _, p in lines]
-    assert max(post[:3]) > 0.3, trained.stdout                # learning from the first few hundred
-    exp_dir = Path(logdir) / EXPERIMENT
-    assert (exp_dir / 'model{}.index'.format(TRAIN_ITERATIONS - 1)).is_file()
-    assert_tensorboard_events(exp_dir, reported=range(0, TRAIN_ITERATIONS, 100))
+def progress_lines(stdout):
+    """[(iteration, pre, post)] of main.py's `Iteration N: pre, post` lines."""
+    return [(int(i), float(pre), float(post))
+            for i, pre, post in re.findall(r'^Iteration (\d+): (\S+), (\S+)$', stdout, re.M)]
 
-    tested = run_main('--train=False', '--test_set=True', *common)
-    assert tested.returncode == 0, tested.stderr[-3000:]
-    assert 'Restoring model weights from {}'.format(exp_dir / 'model{}'.format(TRAIN_ITERATIONS - 1)) \
-        in tested.stdout
+
+def evaluation_results(exp_dir):
+    """(means, stds, ci95, per-task values [600, 11]) of an evaluation, checked against each other."""
     with open(exp_dir / (RESULTS + '.csv'), newline='') as f:
         rows = list(csv.reader(f))
     assert rows[0] == ['update{}'.format(i) for i in range(11)]
@@ -327,10 +323,55 @@ def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_
     np.testing.assert_allclose(means, values.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stds, values.std(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ci95, 1.96 * values.std(0) / np.sqrt(600), rtol=1e-4, atol=1e-6)
+    assert len({tuple(row) for row in values}) > 20   # 600 different tasks, not one repeated
+    return means, stds, ci95, values
+
+
+@pytest.mark.slow
+def test_short_training_learns_and_evaluation_writes_results(omniglot_root, tmp_path):
+    data_root, logdir = str(Path(omniglot_root).parent), str(tmp_path / 'logs')
+    common = OMNIGLOT_FLAGS + TRAIN_FLAGS + ['--data_root=' + data_root, '--logdir=' + logdir]
+    trained = run_main(*common, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    lines = progress_lines(trained.stdout)
+    assert [i for i, _, _ in lines] == list(range(100, TRAIN_ITERATIONS, 100)), trained.stdout
+    validation = re.findall(r'^Validation results: (\S+), (\S+)$', trained.stdout, re.M)
+    assert len(validation) == 1, trained.stdout
+    assert float(validation[0][1]) > 0.45, trained.stdout    # 32 tasks x 5 query images, chance 0.2
+    assert max(post for _, _, post in lines[:3]) > 0.3, trained.stdout    # learning from the first hundreds
+    exp_dir = Path(logdir) / EXPERIMENT
+    assert (exp_dir / 'model{}.index'.format(TRAIN_ITERATIONS - 1)).is_file()
+    assert_tensorboard_events(exp_dir, reported=range(0, TRAIN_ITERATIONS, 100))
+
+    tested = run_main('--train=False', '--test_set=True', *common, timeout=900)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert 'Restoring model weights from {}'.format(exp_dir / 'model{}'.format(TRAIN_ITERATIONS - 1)) \
+        in tested.stdout
+    means, _, _, _ = evaluation_results(exp_dir)
     assert abs(means[0] - 0.2) < 0.05, means          # before adapting: chance
     assert means[1] > 0.45 and means[1] > means[0] + 0.2, means
     assert means[3] >= means[1] - 0.02, means          # the paper's 3 steps do not undo the first
-    assert len({tuple(row) for row in values}) > 20   # 600 different tasks, not one repeated
+
+
+def test_training_and_evaluation_on_the_standin(omniglot_standin_root, tmp_path):
+    """main.py trains (summaries, checkpoints, progress lines) and evaluates 600 test tasks."""
+    logdir = tmp_path / 'logs'
+    common = SMALL_FLAGS + ['--data_root=' + str(omniglot_standin_root), '--logdir=' + str(logdir)]
+    trained = run_main(*common, '--metatrain_iterations=301')
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    lines = progress_lines(trained.stdout)
+    assert [i for i, _, _ in lines] == [100, 200, 300], trained.stdout
+    assert re.search(r'^    \d+\.\d it/s, 0:\d\d:\d\d left$', trained.stdout, re.M), trained.stdout
+    exp_dir = logdir / SMALL_EXPERIMENT
+    assert sorted(p.name for p in exp_dir.glob('model*.index')) == ['model300.index']
+    assert_tensorboard_events(exp_dir, reported=range(0, 301, 100))
+
+    tested = run_main('--train=False', '--test_set=True', *common, '--metatrain_iterations=301')
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert 'Restoring model weights from {}'.format(exp_dir / 'model300') in tested.stdout
+    means, _, _, _ = evaluation_results(exp_dir)
+    assert abs(means[0] - 0.2) < 0.05, means          # before adapting: chance
+    assert means[1] > means[0] + 0.1, means           # it learnt to adapt
 
 
 def assert_tensorboard_events(exp_dir, reported):
@@ -348,11 +389,12 @@ def assert_tensorboard_events(exp_dir, reported):
     assert summaries == [(itr, {prefix}) for itr in reported for prefix in ('metatrain', 'metaval')]
 
 
-def test_a_resumed_run_validates_on_the_tasks_of_an_uninterrupted_one(omniglot_root, tmp_path):
+@pytest.mark.slow
+def test_a_resumed_run_validates_on_the_tasks_of_an_uninterrupted_one(omniglot_standin_root, tmp_path):
     """The validation stream continues where the interrupted run left it (not from its start), so
     a resumed run prints the validation numbers of the same tasks, with the same weights."""
     tiny = ['--datasource=omniglot', '--meta_batch_size=4', '--update_batch_size=1', '--num_updates=1',
-            '--num_filters=4', '--data_root=' + str(Path(omniglot_root).parent)]
+            '--num_filters=4', '--data_root=' + str(omniglot_standin_root)]
 
     def validation_lines(logdir, iterations):
         result = run_main(*tiny, '--metatrain_iterations=%d' % iterations, '--logdir=' + str(logdir))
@@ -366,25 +408,39 @@ def test_a_resumed_run_validates_on_the_tasks_of_an_uninterrupted_one(omniglot_r
     assert first + rest == whole
 
 
+def test_validation_batches_before_counts_what_training_draws():
+    """What a resumed run skips of the validation stream: one batch per summary (every 100 iterations,
+    with --log) and one per printed validation (every 500), before the iteration it resumes at."""
+    import main
+    assert main.validation_batches_before(0, 'omniglot', True) == 0
+    assert main.validation_batches_before(1, 'omniglot', True) == 1                  # iteration 0's summary
+    assert main.validation_batches_before(301, 'omniglot', True) == 4               # 0, 100, 200, 300
+    assert main.validation_batches_before(501, 'omniglot', True) == 6 + 1           # and the validation at 500
+    assert main.validation_batches_before(501, 'omniglot', False) == 1              # without summaries
+
+
 # ------------------------------------------------------------------------------------------ 4. errors
 @pytest.fixture(scope='module')
-def error_runs(omniglot_root, folders, tmp_path_factory):
+def error_runs(omniglot_standin_root, folders, tmp_path_factory):
     """Builds the broken data roots and runs main.py on all of them at once (saves a few TF start-ups)."""
     base = tmp_path_factory.mktemp('errors')
+    standin = omniglot_standin_root / 'omniglot_resized'
     roots = {'missing': base / 'empty', 'few': base / 'few', 'bad_size': base / 'bad_size',
-             'many_classes': Path(omniglot_root).parent}
+             'many_classes': omniglot_standin_root}
     roots['missing'].mkdir()
     for folder in map(Path, folders[:7]):
         shutil.copytree(folder, roots['few'] / 'omniglot_resized' / folder.parent.name / folder.name)
-    # The full set as symlinks, except the first training character: one image there is 27x28.
+    # The stand-in as links, except the first training character: one image there is 27x28.
     bad_root = roots['bad_size'] / 'omniglot_resized'
-    bad_folder = Path(folders[0])
-    for folder in map(Path, folders):
+    standin_folders = data.omniglot_character_folders(str(standin))
+    bad_folder = Path(standin_folders[0])
+    for folder in map(Path, standin_folders):
         (bad_root / folder.parent.name).mkdir(parents=True, exist_ok=True)
         if folder != bad_folder:
             (bad_root / folder.parent.name / folder.name).symlink_to(folder, target_is_directory=True)
-    copy = Path(shutil.copytree(bad_folder, bad_root / bad_folder.parent.name / bad_folder.name))
-    bad_image = sorted(copy.glob('*.png'))[3]
+    copy = Path(shutil.copytree(bad_folder, bad_root / bad_folder.parent.name / bad_folder.name, symlinks=False))
+    bad_image = sorted(copy.glob('*.png'))[STANDIN_DRAWINGS - 1]
+    bad_image.unlink()
     Image.new('1', (27, 28), 1).save(bad_image)
     assert data.omniglot_character_folders(str(bad_root))[0] == str(copy)
 
@@ -403,37 +459,36 @@ def error_runs(omniglot_root, folders, tmp_path_factory):
     return results
 
 
-def assert_user_error(result, *fragments):
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    assert 'Done initializing' not in result.stdout
-    return errors[0]
+@pytest.fixture
+def assert_user_error(one_line_error):
+    """one_line_error, and nothing trained."""
+    def check(result, *fragments):
+        line = one_line_error(result, *fragments)
+        assert 'Done initializing' not in result.stdout
+        return line
+    return check
 
 
-def test_missing_data_folder(error_runs):
+def test_missing_data_folder(error_runs, assert_user_error):
     empty = error_runs['paths']['empty']
     assert_user_error(error_runs['missing'], PREPARE, str(empty / 'omniglot_resized'))
 
 
-def test_too_few_characters(error_runs):
+def test_too_few_characters(error_runs, assert_user_error):
     assert_user_error(error_runs['few'], PREPARE, 'found 7 character folders')
 
 
-def test_wrong_image_size_end_to_end(error_runs):
+def test_wrong_image_size_end_to_end(error_runs, assert_user_error):
     assert_user_error(error_runs['bad_size'], PREPARE, str(error_runs['paths']['bad_image']), '27x28')
 
 
-def test_more_classes_than_the_split_has(error_runs):
+def test_more_classes_than_the_split_has(error_runs, assert_user_error):
     # Not a preparation problem (the full set has only 1100 training characters): the message names
     # the flag and the number of classes instead.
     assert_user_error(error_runs['many_classes'], '--num_classes=2000', '1100')
 
 
-def test_read_image_rejects_bad_files(omniglot_root, folders, tmp_path):
+def test_read_image_rejects_bad_files(folders, tmp_path):
     good = sorted(Path(folders[0]).glob('*.png'))[0]
     pixels = data._read_image(str(good), SIDE, 1, 'omniglot')
     assert pixels.dtype == np.uint8 and pixels.shape == (SIDE * SIDE,) and set(np.unique(pixels)) == {0, 255}
@@ -466,7 +521,7 @@ def test_read_image_rejects_bad_files(omniglot_root, folders, tmp_path):
         data.load_image_dataset('omniglot', [], SIDE, 1)
 
 
-def test_decoded_pixels_are_cached_and_a_changed_file_invalidates_the_cache(train_folders, tmp_path):
+def test_decoded_pixels_are_cached_and_a_changed_file_invalidates_the_cache(train_folders, tmp_path, monkeypatch):
     from data_generator import load_image_dataset
     folders = []
     for i, folder in enumerate(train_folders[:6]):
@@ -476,7 +531,14 @@ def test_decoded_pixels_are_cached_and_a_changed_file_invalidates_the_cache(trai
     cache = tmp_path / 'cache'
     first = load_image_dataset('omniglot', folders, 28, 1, str(cache))
     assert len(list(cache.glob('*.npy'))) == 1
-    again = load_image_dataset('omniglot', folders, 28, 1, str(cache))
+
+    def no_decoding(path, *args):
+        raise AssertionError('decoded {} again instead of reading the cache'.format(path))
+    with monkeypatch.context() as patched:
+        patched.setattr(data, '_read_image', no_decoding)
+        again = load_image_dataset('omniglot', folders, 28, 1, str(cache))     # read from the cache alone
+        with pytest.raises(AssertionError, match='decoded'):                     # without one it decodes
+            load_image_dataset('omniglot', folders, 28, 1)
     np.testing.assert_array_equal(again.pixels, first.pixels)
     np.testing.assert_array_equal(load_image_dataset('omniglot', folders, 28, 1).pixels, first.pixels)
     victim = sorted(Path(folders[0]).glob('*.png'))[0]

@@ -1,7 +1,11 @@
 """Tests of data/prepare_omniglot.py and data/resize_images.py.
 
-The full preparation from the real zips runs once (module fixture, ~10 s);
-everything else uses it or tiny zips made here.  Nothing is downloaded.
+The real subset in tests/data/omniglot (3 alphabets in the official zips'
+layout) is prepared once per session (conftest's omniglot_subset_root);
+everything else uses it or tiny zips made here.  The tests that need the
+full set (its counts, the download of the official files, Ctrl-C and kill
+of a full preparation) run where it is given (see conftest).  Nothing is
+downloaded.
 """
 import io
 import os
@@ -22,11 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'data'))
 import prepare_omniglot as po  # noqa: E402
 import resize_images  # noqa: E402
-from tests.conftest import sigint_as_in_a_terminal  # noqa: E402
+from tests.conftest import OMNIGLOT_SUBSET, OMNIGLOT_SUBSET_ZIPS as SUBSET_ZIPS, sigint_as_in_a_terminal  # noqa: E402
 
-SHARED = Path(os.environ.get('MAML_SHARED',
-                             Path(__file__).resolve().parents[2] / 'shared'))
-OMNIGLOT_ZIPS = SHARED / 'data' / 'omniglot'
 OFFICIAL_URLS = [
     'https://github.com/brendenlake/omniglot/raw/master/python/'
     'images_background.zip',
@@ -35,13 +36,9 @@ OFFICIAL_URLS = [
 ]
 DEAD_PID = 999_999_999  # above any Linux pid_max
 
-# The shared zips are part of the test environment: a missing one is a failure, not a skip.
-needs_real_zips = pytest.mark.usefixtures('omniglot_zips')
-
-
 @pytest.fixture(scope='module')
-def prepared(omniglot_root):
-    return omniglot_root
+def prepared(omniglot_subset_root):
+    return omniglot_subset_root
 
 
 def image_paths(root):
@@ -80,36 +77,41 @@ def run_script(*args, cwd=REPO):
         cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def assert_clean_cli_error(result, *needles):
-    assert result.returncode != 0
-    assert 'Traceback' not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
-    for needle in needles:
-        assert needle in lines[0]
+@pytest.fixture
+def assert_clean_cli_error(one_line_error):
+    """one_line_error, and stderr holds nothing else."""
+    def check(result, *needles):
+        one_line_error(result, *needles)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return check
 
 
 # ------------------------------------------------- full preparation
 
-@needs_real_zips
-def test_prepared_folder_is_complete_omniglot(prepared):
-    alphabets = [p for p in prepared.iterdir() if p.is_dir()]
-    characters = [c for a in alphabets for c in a.iterdir()]
-    assert len(alphabets) == 50
-    assert len(characters) == 1623
-    assert all(len(list(c.glob('*.png'))) == 20 for c in characters)
+def assert_complete(prepared, alphabets, characters):
+    assert len([p for p in prepared.iterdir() if p.is_dir()]) == alphabets
+    folders = [c for a in prepared.iterdir() if a.is_dir() for c in a.iterdir()]
+    assert len(folders) == characters
+    assert all(len(list(c.glob('*.png'))) == 20 for c in folders)
     paths = image_paths(prepared)
-    assert len(paths) == 32460
+    assert len(paths) == 20 * characters
     assert all(Image.open(p).size == (28, 28) for p in paths)
     # Other tests may add main.py's image cache (.cache) beside it; no partial may remain.
     partials = [p.name for p in prepared.parent.iterdir() if p.name.startswith('omniglot_resized.')]
     assert partials == [], 'partial folder left behind'
 
 
-@needs_real_zips
+def test_prepared_subset_is_complete(prepared):
+    assert_complete(prepared, OMNIGLOT_SUBSET.alphabets, OMNIGLOT_SUBSET.characters)
+
+
+def test_prepared_folder_is_complete_omniglot(omniglot_root):
+    assert_complete(omniglot_root, 50, 1623)
+
+
 @pytest.mark.parametrize('zip_name', po.ZIP_NAMES)
 def test_images_equal_reference_lanczos_resize(prepared, zip_name):
-    zip_path = OMNIGLOT_ZIPS / zip_name
+    zip_path = SUBSET_ZIPS / zip_name
     with zipfile.ZipFile(zip_path) as archive:
         members = sorted(n for n in archive.namelist() if n.endswith('.png'))
     for member in [members[0], members[len(members) // 2], members[-1]]:
@@ -119,36 +121,49 @@ def test_images_equal_reference_lanczos_resize(prepared, zip_name):
         assert np.array_equal(np.array(produced), np.array(expected))
 
 
-@needs_real_zips
 def test_rerun_is_fast_noop(prepared):
     sample = image_paths(prepared)[0]
     mtime = sample.stat().st_mtime_ns
     start = time.perf_counter()
-    survey, was_ready = po.prepare(prepared, source_dir=OMNIGLOT_ZIPS)
+    survey, was_ready = po.prepare(prepared, source_dir=SUBSET_ZIPS, expected=OMNIGLOT_SUBSET)
     assert was_ready and survey.complete
     assert time.perf_counter() - start < 5
     assert sample.stat().st_mtime_ns == mtime
 
 
-@needs_real_zips
-def test_cli_rerun_prints_summary(prepared):
-    result = run_script('--from', str(OMNIGLOT_ZIPS), '--to', str(prepared))
+def test_cli_rerun_prints_summary(omniglot_root):
+    result = run_script('--to', str(omniglot_root))    # complete: nothing to download or redo
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == (
         'omniglot ready: 50 alphabets, 1623 characters, 32460 images (28x28) '
-        f'in {prepared} (already prepared, nothing redone)')
+        f'in {omniglot_root} (already prepared, nothing redone)')
 
 
-@needs_real_zips
-def test_download_path_uses_official_urls(tmp_path, monkeypatch):
+def test_cli_on_zips_that_are_not_the_full_set(tmp_path, assert_clean_cli_error):
+    result = run_script('--from', str(SUBSET_ZIPS), '--to', str(tmp_path / 'omniglot_resized'))
+    assert_clean_cli_error(result, 'not the Omniglot set', 'found 3 alphabets, 54 characters, 1080 images',
+                           'expected 50 alphabets')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_that_is_not_the_official_zip_is_refused(tmp_path):
+    def fake_urlretrieve(url, filename):     # serves the subset: same names, other bytes
+        shutil.copy(SUBSET_ZIPS / url.rsplit('/', 1)[1], filename)
+
+    with pytest.raises(po.PrepareError, match='images_background.zip downloaded with sha256 f4b9a779'):
+        po.prepare(tmp_path / 'out', fetch=fake_urlretrieve, log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_path_uses_official_urls(tmp_path, monkeypatch, omniglot_zips):
     calls, built_from = [], []
 
     def fake_urlretrieve(url, filename):
         calls.append((url, filename))
-        shutil.copy(OMNIGLOT_ZIPS / url.rsplit('/', 1)[1], filename)
+        shutil.copy(omniglot_zips / url.rsplit('/', 1)[1], filename)
 
-    def build_spy(dest, source_dir, workers):
-        # The build itself is what the module fixture already ran in full.
+    def build_spy(dest, source_dir, workers, expected):
+        # The build itself is what omniglot_root ran in full.
         built_from.append(Path(source_dir))
         return [po.list_images(p) for p in po.locate_zips(source_dir)]
 
@@ -178,7 +193,6 @@ def test_default_destination_is_in_repo():
 
 # ------------------------------------------- interruption and reruns
 
-@needs_real_zips
 def test_interrupted_run_leaves_nothing_complete_looking(tmp_path,
                                                          monkeypatch):
     converted = []
@@ -193,12 +207,11 @@ def test_interrupted_run_leaves_nothing_complete_looking(tmp_path,
     monkeypatch.setattr(po, 'convert_image', convert_then_die)
     dest = tmp_path / 'omniglot_resized'
     with pytest.raises(KeyboardInterrupt):
-        po.prepare(dest, source_dir=OMNIGLOT_ZIPS, workers=1)
+        po.prepare(dest, source_dir=SUBSET_ZIPS, workers=1, expected=OMNIGLOT_SUBSET)
     assert len(converted) == 100
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_real_zips
 def test_killed_run_leaves_only_a_partial_that_is_cleaned(tmp_path,
                                                           monkeypatch):
     def die(*args):
@@ -209,7 +222,7 @@ def test_killed_run_leaves_only_a_partial_that_is_cleaned(tmp_path,
     monkeypatch.setattr(po.shutil, 'rmtree', lambda *a, **k: None)
     dest = tmp_path / 'omniglot_resized'
     with pytest.raises(KeyboardInterrupt):
-        po.prepare(dest, source_dir=OMNIGLOT_ZIPS, workers=1)
+        po.prepare(dest, source_dir=SUBSET_ZIPS, workers=1, expected=OMNIGLOT_SUBSET)
     monkeypatch.undo()
     assert not dest.exists()
     assert [p.name for p in tmp_path.iterdir()] == [
@@ -218,10 +231,11 @@ def test_killed_run_leaves_only_a_partial_that_is_cleaned(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def start_script_and_wait_for_images(dest, *args):
+def start_script_and_wait_for_images(zips, dest, *args):
+    """The script preparing the full set, once it has written images."""
     process = subprocess.Popen(
         [sys.executable, str(REPO / 'data' / 'prepare_omniglot.py'),
-         '--from', str(OMNIGLOT_ZIPS), '--to', str(dest), *args],
+         '--from', str(zips), '--to', str(dest), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 60
     while not list(dest.parent.glob('*.partial-*/*/*/*.png')):
@@ -230,10 +244,9 @@ def start_script_and_wait_for_images(dest, *args):
     return process
 
 
-@needs_real_zips
-def test_ctrl_c_midway_cleans_up(tmp_path):
+def test_ctrl_c_midway_cleans_up(tmp_path, omniglot_zips):
     dest = tmp_path / 'omniglot_resized'
-    process = start_script_and_wait_for_images(dest)
+    process = start_script_and_wait_for_images(omniglot_zips, dest)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
@@ -242,10 +255,9 @@ def test_ctrl_c_midway_cleans_up(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_real_zips
-def test_kill_midway_leaves_no_complete_looking_folder(tmp_path):
+def test_kill_midway_leaves_no_complete_looking_folder(tmp_path, omniglot_zips):
     dest = tmp_path / 'omniglot_resized'
-    process = start_script_and_wait_for_images(dest, '--workers', '1')
+    process = start_script_and_wait_for_images(omniglot_zips, dest, '--workers', '1')
     process.kill()
     process.communicate(timeout=60)
     assert not dest.exists()
@@ -255,13 +267,12 @@ def test_kill_midway_leaves_no_complete_looking_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_real_zips
 def test_stale_partials_of_dead_runs_are_removed(prepared):
     stale = prepared.parent / f'{prepared.name}.partial-{DEAD_PID}'
     running = prepared.parent / f'{prepared.name}.partial-{os.getppid()}'
     for partial in (stale, running):
         (partial / 'Alphabet' / 'character01').mkdir(parents=True)
-    survey, was_ready = po.prepare(prepared, source_dir=OMNIGLOT_ZIPS)
+    survey, was_ready = po.prepare(prepared, source_dir=SUBSET_ZIPS, expected=OMNIGLOT_SUBSET)
     assert was_ready
     assert not stale.exists()
     assert running.exists(), 'partial of a live process must be kept'
@@ -305,7 +316,7 @@ def test_zip_slip_members_are_refused(tmp_path, member):
     assert not list(tmp_path.rglob('evil.png'))
 
 
-def test_missing_zip_cli_error(tmp_path):
+def test_missing_zip_cli_error(tmp_path, assert_clean_cli_error):
     make_zips(tmp_path, {'images_background/A/c/1.png': png_bytes()})
     (tmp_path / 'images_evaluation.zip').unlink()
     result = run_script('--from', str(tmp_path), '--to', str(tmp_path / 'o'))
@@ -313,13 +324,13 @@ def test_missing_zip_cli_error(tmp_path):
                            OFFICIAL_URLS[1], 'without --from')
 
 
-def test_missing_folder_cli_error(tmp_path):
+def test_missing_folder_cli_error(tmp_path, assert_clean_cli_error):
     result = run_script('--from', str(tmp_path / 'nope'),
                         '--to', str(tmp_path / 'o'))
     assert_clean_cli_error(result, 'does not exist')
 
 
-def test_corrupt_zip_cli_error(tmp_path):
+def test_corrupt_zip_cli_error(tmp_path, assert_clean_cli_error):
     make_zips(tmp_path, {'images_background/A/c/1.png': png_bytes()})
     (tmp_path / 'images_background.zip').write_bytes(b'not a zip' * 100)
     result = run_script('--from', str(tmp_path), '--to', str(tmp_path / 'o'))
@@ -328,7 +339,7 @@ def test_corrupt_zip_cli_error(tmp_path):
     assert not (tmp_path / 'o').exists()
 
 
-def test_unreadable_image_cli_error(tmp_path):
+def test_unreadable_image_cli_error(tmp_path, assert_clean_cli_error):
     members = {f'images_background/A/c/{i}.png': png_bytes()
                for i in range(5)}
     members['images_background/A/c/broken.png'] = b'\x89PNG garbage'
@@ -360,10 +371,9 @@ def test_zip_without_omniglot_layout(tmp_path):
 
 # ------------------------------------------------ manual resize route
 
-@needs_real_zips
 def test_manual_resize_route_matches_prepare(tmp_path, prepared):
     manual = tmp_path / 'omniglot_resized'
-    with zipfile.ZipFile(OMNIGLOT_ZIPS / 'images_background.zip') as archive:
+    with zipfile.ZipFile(SUBSET_ZIPS / 'images_background.zip') as archive:
         members = sorted(n for n in archive.namelist() if n.endswith('.png'))
         for member in members[:45]:  # a few character folders
             target = manual / member.split('/', 1)[1]
@@ -386,7 +396,7 @@ def test_manual_resize_route_matches_prepare(tmp_path, prepared):
         second.stdout
 
 
-def test_manual_resize_route_in_empty_folder_errors(tmp_path):
+def test_manual_resize_route_in_empty_folder_errors(tmp_path, assert_clean_cli_error):
     result = subprocess.run(
         [sys.executable, str(REPO / 'data' / 'resize_images.py')],
         cwd=tmp_path, capture_output=True, text=True, timeout=60)

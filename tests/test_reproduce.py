@@ -69,6 +69,7 @@ def test_tiny_budget_writes_its_row_from_the_csv(first_run):
     assert '--metatrain_iterations=60' in (base / 'logs' / ROW / 'train.log').read_text()
 
 
+@pytest.mark.slow
 def test_a_second_run_resumes_instead_of_starting_over(first_run):
     base, args, _ = first_run
     before = reproduce.load_results(base / 'RESULTS.md')[ROW]
@@ -97,6 +98,7 @@ def test_a_second_run_resumes_instead_of_starting_over(first_run):
     assert reproduce.load_results(base / 'RESULTS.md')[ROW]['iterations'] == 60
 
 
+@pytest.mark.slow
 def test_a_runner_killed_outright_keeps_its_wall_time(tmp_path):
     """kill -9 of the runner and its main.py (a closed session does that): the wall time and
     commits recorded at the progress lines so far survive, and the next run resumes from main.py's
@@ -132,7 +134,20 @@ def test_a_runner_killed_outright_keeps_its_wall_time(tmp_path):
     assert entry['train_seconds'] > round(state['train_seconds'])
 
 
-def test_the_reference_evaluates_the_same_checkpoint_to_the_same_numbers(first_run):
+def test_without_the_reference_the_cross_check_says_how_to_give_it(first_run, tmp_path, one_line_error):
+    """No reference's code where MAML_REFERENCE_DIR points: one line naming the variable and the
+    command that fetches it; the row is still written."""
+    base, _, _ = first_run
+    results = base / 'RESULTS_no_reference.md'
+    env = dict(os.environ, MAML_REFERENCE_DIR=str(tmp_path / 'nothing'))
+    result = run_reproduce(ROW, '--no_train', '--reference_eval', '--logdir=' + str(base / 'logs'),
+                           '--results=' + str(results), env=env)
+    assert result.returncode == 2
+    one_line_error(result, '--reference_eval', 'MAML_REFERENCE_DIR', 'python bench/reference.py --fetch')
+    assert reproduce.load_results(results)[ROW]['iterations'] == 60
+
+
+def test_the_reference_evaluates_the_same_checkpoint_to_the_same_numbers(first_run, reference_code):
     """--reference_eval: the reference's own code (TF 1.15) evaluates the row's checkpoint. Sinusoid
     test tasks are the same on both sides (numpy seeded with 1), so its numbers must be ours."""
     base, _, _ = first_run
@@ -140,12 +155,6 @@ def test_the_reference_evaluates_the_same_checkpoint_to_the_same_numbers(first_r
     # TF2_BEHAVIOR=1, as in any process that imported TF 2, must not reach TF 1.15 (it runs eagerly).
     result = run_reproduce(ROW, '--no_train', '--reference_eval', '--logdir=' + str(base / 'logs'),
                            '--results=' + str(results), env=dict(os.environ, TF2_BEHAVIOR='1'))
-    if not (reproduce.reference_tools().reference_venv() / 'bin' / 'python').is_file():
-        # Without the reference's venv: one clear line naming how to build it; the row is still written.
-        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
-        assert 'run_reference.sh' in result.stderr.splitlines()[-1]
-        assert reproduce.load_results(results)[ROW]['iterations'] == 60
-        return
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     entry = reproduce.load_results(results)[ROW]
     check = entry['reference_eval']
@@ -169,8 +178,9 @@ def test_the_reference_evaluates_the_same_checkpoint_to_the_same_numbers(first_r
 
 def test_a_row_without_its_data_names_the_preparation_command(tmp_path):
     results = tmp_path / 'RESULTS.md'
+    without_zips = {k: v for k, v in os.environ.items() if k != 'MAML_OMNIGLOT_ZIPS'}   # else it prepares them
     result = run_reproduce('omniglot_5w1s', 'mini_5w1s', '--data_root=' + str(tmp_path / 'nothing'),
-                           '--logdir=' + str(tmp_path / 'logs'), '--results=' + str(results))
+                           '--logdir=' + str(tmp_path / 'logs'), '--results=' + str(results), env=without_zips)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 2 and 'Traceback' not in result.stderr, result.stderr
@@ -224,18 +234,20 @@ def printed_evaluations(log_text):
     return found
 
 
-def test_validate_checkpoints_evaluates_each_kept_checkpoint_and_the_best_on_the_test_tasks(omniglot_root, tmp_path):
-    """--validate_checkpoints on a real Omniglot run with two checkpoints (model2, then model4 on
+@pytest.mark.slow
+def test_validate_checkpoints_evaluates_each_kept_checkpoint_and_the_best_on_the_test_tasks(omniglot_standin_root,
+                                                                                            tmp_path):
+    """--validate_checkpoints on an Omniglot run (the stand-in) with two checkpoints (model2, then model4 on
     resuming): each one's validation numbers are those main.py printed evaluating it on the
     validation split, the best one's test numbers its evaluation on the test split, the row (the
     last checkpoint on the test tasks) is untouched, and a rerun evaluates nothing again."""
     row = reproduce.ROWS['omniglot_5w1s']
     logs, results = tmp_path / 'logs', tmp_path / 'RESULTS.md'
-    common = ('--logdir=' + str(logs), '--data_root=' + str(omniglot_root.parent), '--results=' + str(results))
+    common = ('--logdir=' + str(logs), '--data_root=' + str(omniglot_standin_root), '--results=' + str(results))
     # model2 by main.py itself in the row's folder (as the runner would train it), then the runner
     # resumes to model4, evaluates the row and validates both.
     first = subprocess.run([sys.executable, str(REPO / 'main.py')] + row.command(3) + [
-        '--logdir=' + str(logs / row.name), '--data_root=' + str(omniglot_root.parent)],
+        '--logdir=' + str(logs / row.name), '--data_root=' + str(omniglot_standin_root)],
         cwd=str(REPO), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     second = run_reproduce(row.name, '--iterations=5', '--validate_checkpoints', *common)
@@ -282,3 +294,16 @@ def test_validate_checkpoints_refuses_sinusoid_rows_in_one_line(first_run):
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
     assert 'no validation split' in result.stderr.splitlines()[-1]
     assert reproduce.load_results(base / 'RESULTS_validate.md')[ROW]['iterations'] == 60   # the row is kept
+
+
+def test_omniglot_rows_prepare_their_data_from_the_zips_variable(tmp_path, one_line_error):
+    """Without data/omniglot_resized an Omniglot row prepares it from $MAML_OMNIGLOT_ZIPS; zips that
+    are not the official set are named, with what they hold."""
+    from tests.conftest import OMNIGLOT_SUBSET_ZIPS
+    env = dict(os.environ, MAML_OMNIGLOT_ZIPS=str(OMNIGLOT_SUBSET_ZIPS))
+    result = run_reproduce('omniglot_5w1s', '--data_root=' + str(tmp_path / 'data'), '--logdir=' + str(tmp_path / 'logs'),
+                           '--results=' + str(tmp_path / 'RESULTS.md'), env=env)
+    assert result.returncode == 2
+    one_line_error(result, 'MAML_OMNIGLOT_ZIPS=' + str(OMNIGLOT_SUBSET_ZIPS), 'not the Omniglot set',
+                   'found 3 alphabets, 54 characters')
+    assert not (tmp_path / 'data' / 'omniglot_resized').exists()

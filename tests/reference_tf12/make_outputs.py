@@ -8,8 +8,10 @@ records the meta-gradient the reference computes there, which the port's default
 
     python3.6 -m venv tf12 && tf12/bin/pip install --no-deps tensorflow==1.2.0
     tf12/bin/pip install 'numpy<1.17' 'protobuf<3.20' six werkzeug==0.16.1 backports.weakref
-    tf12/bin/python tests/reference_tf12/make_outputs.py ../shared/reference/maml \\
-        ../shared/golden/cases/omniglot_5w1s tests/reference_tf12/omniglot_5w1s.npz
+    tf12/bin/python tests/reference_tf12/make_outputs.py $MAML_REFERENCE_DIR \\
+        tests/golden/cases/omniglot_5w1s tests/reference_tf12/omniglot_5w1s.npz
+
+($MAML_REFERENCE_DIR: the reference's code, see bench/reference.py.)
 """
 import json
 import sys

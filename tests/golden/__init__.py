@@ -5,7 +5,7 @@
 A case directory holds `case.json` (flags, test_num_updates, sizes, variables), `inputs.npz`,
 `weights_init.npz`, `ckpt/` (the same weights as a reference checkpoint), `outputs.npz`,
 `weights_after_3_{metatrain,pretrain}_steps.npz` and `tolerances.json`; see
-`../shared/golden/README.md`. Prints every quantity's largest difference as a fraction of its
+`tests/golden/README.md`. Prints every quantity's largest difference as a fraction of its
 tolerance and exits non-zero if any quantity misses (or is missing).
 """
 import argparse
@@ -187,6 +187,3 @@ def main(argv):
     print('golden: {} of {} cases match'.format(len(args.cases) - len(failed), len(args.cases)))
     return 1 if failed else 0
 
-
-if __name__ == '__main__':
-    sys.exit(main(sys.argv[1:]))
