@@ -11,7 +11,7 @@ import random
 import numpy as np
 import tensorflow as tf
 
-from utils import UserError
+from experiment import PREPARE_HINT, UserError
 
 tf1 = tf.compat.v1
 
@@ -20,10 +20,6 @@ OMNIGLOT_NUM_TRAIN, OMNIGLOT_NUM_VAL = 1100, 100
 # Part of the pixel cache's key: a change to how files decode must never reuse an older cache.
 # Version 2: 1-bit PNGs decode to 0/255 (version 1 cached them as 0/1).
 PIXEL_FORMAT = 2
-PREPARE_HINT = {
-    'omniglot': 'python data/prepare_omniglot.py --from DIR_WITH_THE_TWO_ZIPS (or without --from to download)',
-    'miniimagenet': 'python data/prepare_miniimagenet.py --from DIR_WITH_images_AND_CSVS',
-}
 
 
 ## Sinusoid

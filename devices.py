@@ -11,6 +11,7 @@ and only serves its devices. The chief (the training command plus `--cluster=W0,
 a server of its own, tells the workers the whole cluster through the session's `cluster_def`,
 keeps the weights and writes the checkpoints on its own disk.
 """
+import contextlib
 import dataclasses
 import os
 import re
@@ -19,7 +20,7 @@ import time
 
 import tensorflow as tf
 
-from utils import UserError
+from experiment import UserError
 
 tf1 = tf.compat.v1
 CHIEF_JOB = 'chief'
@@ -43,6 +44,31 @@ class Placement:
 
 def single_device():
     return Placement()
+
+
+def make_placement(f):
+    """Where main.py's meta-batch runs, from its flags (f: --cluster, --devices, --cpu_towers, --train,
+    --datasource, --meta_batch_size); UserError for devices or workers that are not there."""
+    if f.cluster:
+        placement = cluster_placement(f.cluster, f.chief_address or None)
+    elif f.devices:
+        placement = local_placement(f.devices)
+    elif f.train and f.datasource != 'sinusoid' and not tf.config.list_physical_devices('GPU'):
+        if f.cpu_towers and f.meta_batch_size % f.cpu_towers:
+            raise UserError('--meta_batch_size={} does not split into --cpu_towers={} equal parts; use a divisor of '
+                            'it, or 0 (one tower per core)'.format(f.meta_batch_size, f.cpu_towers))
+        return core_towers(f.meta_batch_size, f.cpu_towers or None)
+    else:
+        return single_device()
+    if f.train and f.meta_batch_size % len(placement.towers):
+        raise UserError('--meta_batch_size={} does not split evenly over {} devices ({}); use a multiple of {}'.format(
+            f.meta_batch_size, len(placement.towers), ', '.join(placement.towers), len(placement.towers)))
+    return placement
+
+
+def model_placement(placement):
+    """The graph's default device: the data pipeline, weights and optimizer on param_device."""
+    return tf.device(placement.param_device) if placement.param_device else contextlib.nullcontext()
 
 
 ## One tower per core

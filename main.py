@@ -21,11 +21,13 @@ Usage Instructions:
 
     To run evaluation, use the '--train=False' flag and the '--test_set=True' flag to use the test set.
 
+    The meta-batch is computed by fast_paths.py (--fast_paths=auto, the default) where it pays, for the
+    paper's networks; --fast_paths=off runs maml.py's plain definition (tf.map_fn over tasks, autodiff).
+
     For omniglot and miniimagenet training, acquire the dataset online, put it in the correspoding data
     directory, and see the python scripts data/prepare_omniglot.py and data/prepare_miniimagenet.py.
 """
 import concurrent.futures
-import contextlib
 import csv
 import os
 import pickle
@@ -75,10 +77,10 @@ from tensorflow.core.protobuf import config_pb2  # noqa: E402
 
 import data_generator as data  # noqa: E402
 import devices  # noqa: E402
-from maml import MAML, ModelConfig  # noqa: E402
-from utils import (NORMS, Progress, UserError, checkpoint_iteration, checkpoint_state_names,  # noqa: E402
-                   experiment_name, list_checkpoints, lock_experiment, move_checkpoint_aside, named_checkpoint,
-                   newest_intact_checkpoint, remove_partial_saves, save_checkpoint)
+import experiment  # noqa: E402
+from experiment import Progress, UserError, checkpoint_iteration  # noqa: E402
+from maml import FAST_PATHS, MAML, ModelConfig  # noqa: E402
+from utils import NORMS  # noqa: E402
 
 tf1 = tf.compat.v1
 FLAGS = flags.FLAGS
@@ -133,6 +135,9 @@ flags.DEFINE_integer('keep_checkpoint_every', 0, 'also keep every checkpoint who
                      '(0: only the newest 10, as the reference); e.g. to evaluate the run at earlier points')
 flags.DEFINE_string('data_root', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data'),
                     'folder holding omniglot_resized/ and miniImagenet/')
+flags.DEFINE_string('fast_paths', 'auto', 'auto: compute the meta-batch with fast_paths.py where it was measured to '
+                    'pay, for the paper\'s networks only (it says so when it steps aside); off: maml.py\'s plain '
+                    'definition (tf.map_fn over tasks, autodiff), as the reference')
 
 SUMMARY_INTERVAL = 100
 SAVE_INTERVAL = 1000
@@ -177,6 +182,8 @@ def check_flags(f):
         raise UserError('--devices and --cluster both split the meta-batch; use one of them')
     if f.train and f.pretrain_iterations + f.metatrain_iterations == 0:
         raise UserError('nothing to train: --pretrain_iterations and --metatrain_iterations are both 0')
+    if f.fast_paths not in FAST_PATHS:
+        raise UserError('--fast_paths={!r} is not known; use auto or off'.format(f.fast_paths))
     if f.job_name and (f.job_name != 'worker' or not f.cluster):
         raise UserError('--job_name={!r}: the only job is worker, with --cluster and --task_index'.format(f.job_name))
 
@@ -190,23 +197,11 @@ def test_num_updates_for(datasource, train):
 
 
 def experiment_dir(f):
-    name = experiment_name(f.num_classes, f.meta_batch_size,
+    name = experiment.experiment_name(f.num_classes, f.meta_batch_size,
                            f.update_batch_size if f.train_update_batch_size == -1 else f.train_update_batch_size,
                            f.num_updates, f.update_lr if f.train_update_lr == -1 else f.train_update_lr,
                            f.num_filters, f.max_pool, f.stop_grad, f.baseline, f.norm)
     return os.path.join(f.logdir, name)
-
-
-def ensure_writable(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, '.write_test')
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise UserError('cannot write to {} ({}); pass a writable --logdir'.format(
-            folder, error.strerror or error))
 
 
 ## Data
@@ -234,89 +229,6 @@ def sinusoid_feed(f, generator, rng):
         inputs = data.with_oracle_inputs(inputs, amp, phase)
     batch = data.split_support_query(inputs, outputs, f.update_batch_size)
     return [batch[name].astype(np.float32) for name in FEED_ORDER]
-
-
-## Checkpoints
-def training_checkpoint(f, exp_dir):
-    """The checkpoint training resumes from: the newest intact one (damaged newer ones are moved
-    aside, never deleted), model{--test_iter} if given, or none with --resume=False."""
-    removed = remove_partial_saves(exp_dir)
-    if removed:
-        print('Removed {} temporary file(s) of a save that was interrupted.'.format(removed))
-    if not f.resume:
-        previous = list_checkpoints(exp_dir)
-        if previous:
-            aside = os.path.join(exp_dir, 'previous', time.strftime('%Y%m%d-%H%M%S'))
-            for path in previous:
-                move_checkpoint_aside(path, aside)
-            print('--resume=False: moved the {} earlier checkpoint(s) to {}.'.format(len(previous), aside))
-        return None
-    if f.test_iter > 0:
-        return named_checkpoint(exp_dir, f.test_iter)
-    path, damaged = newest_intact_checkpoint(exp_dir)
-    if damaged:
-        aside = os.path.join(exp_dir, 'damaged', time.strftime('%Y%m%d-%H%M%S'))
-        for bad, why in damaged:
-            move_checkpoint_aside(bad, aside)
-            print('Checkpoint {} is damaged ({}): moved its files to {}.'.format(bad, why, aside))
-        print('Resuming from {}.'.format(path) if path else 'No intact checkpoint left: training starts over.')
-    named = checkpoint_state_names(exp_dir)
-    if named and not os.path.isfile(named + '.index') and named not in [bad for bad, _ in damaged]:
-        print('The checkpoint file names {}, which does not exist; using the newest intact checkpoint, {}.'.format(
-            named, path))
-    return path
-
-
-def evaluation_checkpoint(f, exp_dir):
-    if f.test_iter > 0:
-        return named_checkpoint(exp_dir, f.test_iter)
-    path, damaged = newest_intact_checkpoint(exp_dir)
-    for bad, why in damaged:
-        print('Skipping damaged checkpoint {} ({}).'.format(bad, why))
-    if path is None:
-        raise UserError('no {}checkpoint to evaluate in {}; train first with the same flags and --train=True, '
-                        'or point --logdir at the training run'.format('intact ' if damaged else '', exp_dir))
-    return path
-
-
-def restore(sess, path, full_state):
-    """Restores weights (and, with full_state, the optimizer state) saved under their names.
-
-    Checkpoints of the reference hold the trainable variables only: they restore, and training
-    then starts Adam afresh.
-    """
-    stored = {name for name, _ in tf1.train.list_variables(path)}
-    weights = {v.op.name: v for v in tf1.trainable_variables()}
-    missing = sorted(set(weights) - stored)
-    if missing:
-        raise UserError('checkpoint {} lacks {} (and {} more) of this model: it was trained with other flags; '
-                        'use the training run\'s flags'.format(path, missing[0], len(missing) - 1))
-    everything = {v.op.name: v for v in tf1.global_variables()}
-    if full_state and set(everything) <= stored:
-        tf1.train.Saver(everything).restore(sess, path)
-        return True
-    tf1.train.Saver(weights).restore(sess, path)
-    return False
-
-
-MOMENTS_RECORD = 'moments_stop_gradient.txt'
-
-
-def record_moments_choice(f, exp_dir, checkpoint):
-    """Keeps one run's meta-gradient math the same across resumes: the run's folder records
-    --moments_stop_gradient, and resuming with the other value is an error."""
-    path = os.path.join(exp_dir, MOMENTS_RECORD)
-    chosen = str(bool(f.moments_stop_gradient))
-    recorded = open(path).read().strip() if os.path.isfile(path) else None
-    if checkpoint and recorded is not None and recorded != chosen:
-        raise UserError('{} was trained with --moments_stop_gradient={}; pass that again to resume it, or '
-                        '--resume=False to start over'.format(exp_dir, recorded))
-    if checkpoint and recorded is None:
-        print('Resuming a run from before --moments_stop_gradient was recorded: it continues with '
-              '--moments_stop_gradient={} (this port always stopped that gradient before).'.format(chosen))
-    if recorded != chosen:
-        with open(path, 'w') as out:
-            out.write(chosen + '\n')
 
 
 ## Training
@@ -390,7 +302,7 @@ def train(model, sess, saver, f, exp_dir, resume_itr, next_feed, feed_list, val_
                 prelosses, postlosses = [], []
 
             if (itr != 0 and itr % SAVE_INTERVAL == 0) or itr == total - 1 or stop.requested:
-                checkpoint = save_checkpoint(saver, sess, exp_dir, itr, keep_every=f.keep_checkpoint_every)
+                checkpoint = experiment.save_checkpoint(saver, sess, exp_dir, itr, keep_every=f.keep_checkpoint_every)
 
             if val_enabled and validates(itr, test_print_interval):
                 val = sess.run([model.metaval_total_accuracy1, model.metaval_total_accuracies2[f.num_updates - 1]])
@@ -551,47 +463,23 @@ def build_model(f, config, test_num_updates, resume_itr, total, placement):
     return model, (lambda _: ()), [], initializers
 
 
-def make_placement(f):
-    """Where the meta-batch runs (see devices.py); UserError for devices or workers that are not there."""
-    if f.cluster:
-        placement = devices.cluster_placement(f.cluster, f.chief_address or None)
-    elif f.devices:
-        placement = devices.local_placement(f.devices)
-    elif f.train and f.datasource != 'sinusoid' and not tf.config.list_physical_devices('GPU'):
-        if f.cpu_towers and f.meta_batch_size % f.cpu_towers:
-            raise UserError('--meta_batch_size={} does not split into --cpu_towers={} equal parts; use a divisor of '
-                            'it, or 0 (one tower per core)'.format(f.meta_batch_size, f.cpu_towers))
-        return devices.core_towers(f.meta_batch_size, f.cpu_towers or None)
-    else:
-        return devices.single_device()
-    if f.train and f.meta_batch_size % len(placement.towers):
-        raise UserError('--meta_batch_size={} does not split evenly over {} devices ({}); use a multiple of {}'.format(
-            f.meta_batch_size, len(placement.towers), ', '.join(placement.towers), len(placement.towers)))
-    return placement
-
-
-def model_placement(placement):
-    """The graph's default device: the data pipeline, weights and optimizer on param_device."""
-    return tf.device(placement.param_device) if placement.param_device else contextlib.nullcontext()
-
-
 ## Putting it together
 def run(f):
     check_flags(f)
-    placement = make_placement(f)   # impossible device flags fail here, before any folder is made
+    placement = devices.make_placement(f)   # impossible device flags fail here, before any folder is made
     if f.baseline == 'oracle':
         # The oracle is trained on the pre-update loss only: its iterations all count as pre-training.
         f.pretrain_iterations += f.metatrain_iterations
         f.metatrain_iterations = 0
     exp_dir = experiment_dir(f)
     if f.train:
-        ensure_writable(exp_dir)
-        lock_experiment(exp_dir)
-        checkpoint = training_checkpoint(f, exp_dir)
-        record_moments_choice(f, exp_dir, checkpoint)
+        experiment.ensure_writable(exp_dir)
+        experiment.lock_experiment(exp_dir)
+        checkpoint = experiment.training_checkpoint(exp_dir, f.resume, f.test_iter)
+        experiment.record_moments_choice(f.moments_stop_gradient, exp_dir, checkpoint)
     else:
-        checkpoint = evaluation_checkpoint(f, exp_dir)
-        ensure_writable(exp_dir)
+        checkpoint = experiment.evaluation_checkpoint(exp_dir, f.test_iter)
+        experiment.ensure_writable(exp_dir)
     resume_itr = checkpoint_iteration(checkpoint) + 1 if checkpoint and f.train else 0
     total = f.pretrain_iterations + f.metatrain_iterations
     if f.train and resume_itr >= total:
@@ -610,8 +498,8 @@ def run(f):
                          meta_lr=f.meta_lr, update_batch_size=f.update_batch_size, update_lr=f.update_lr,
                          num_updates=f.num_updates, norm=f.norm, num_filters=f.num_filters, conv=f.conv,
                          max_pool=f.max_pool, stop_grad=f.stop_grad, moments_stop_gradient=f.moments_stop_gradient,
-                         pretraining=f.pretrain_iterations > 0)
-    with model_placement(placement):   # a cluster's savers must run where the weights are: the chief
+                         pretraining=f.pretrain_iterations > 0, fast_paths=f.fast_paths)
+    with devices.model_placement(placement):   # a cluster's savers must run where the weights are: the chief
         model, next_feed, feed_list, initializers = build_model(f, config, test_num_updates, resume_itr, total,
                                                                 placement)
         saver = tf1.train.Saver(tf1.global_variables(), max_to_keep=None)   # save_checkpoint keeps the newest 10
@@ -623,7 +511,7 @@ def run(f):
         del initializers   # the images now live in the session only
         if checkpoint:
             print('Restoring model weights from ' + checkpoint)
-            full = restore(sess, checkpoint, full_state=f.train)
+            full = experiment.restore(sess, checkpoint, full_state=f.train)
             if f.train and not full:
                 print('(weights only: the optimizer state starts fresh)')
     val_enabled = f.datasource != 'sinusoid'

@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from experiment import PREPARE_HINT, PREPARED_FOLDER, UserError, checkpoint_iteration, format_seconds
+
 REPO = Path(__file__).resolve().parent
-PREPARE = {
-    'omniglot': ('omniglot_resized', 'python data/prepare_omniglot.py --from DIR_WITH_THE_TWO_ZIPS'),
-    'miniimagenet': ('miniImagenet', 'python data/prepare_miniimagenet.py --from DIR_WITH_images_AND_CSVS'),
-}
 KEEP_CHECKPOINT_EVERY = 5000   # besides the newest 10: the run's earlier points, for --validate_checkpoints
 SINE_MAML = ['--datasource=sinusoid', '--metatrain_iterations=70000', '--norm=None']
 SINE_PRETRAIN = ['--datasource=sinusoid', '--pretrain_iterations=70000', '--metatrain_iterations=0', '--norm=None']
@@ -67,6 +67,7 @@ class Row:
     paper: tuple = ()       # per step: (mean, ci95) or (mean, None) or None
     note: str = ''
     data: str = None        # 'omniglot' / 'miniimagenet': the prepared folder it needs
+    tune_step_size: tuple = ()   # candidate fine-tuning step sizes, the best on validation tasks evaluated
 
     @property
     def iteration_flag(self):
@@ -84,8 +85,17 @@ class Row:
 
 
 
+# The pre-trained baseline's fine-tuning step size: "fine-tuning with gradient descent on the K provided
+# points, using an automatically tuned step size" (the paper, Section 5.1; Figure 2's caption: "with a
+# tuned step size"), no value given. The runner tunes it the same way for its own rows: the candidate with
+# the lowest mean MSE after 10 steps on 600 validation tasks (drawn apart from the test tasks).
+TUNED_STEP_SIZES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+SINE_VALIDATION_SEED = 12345   # the test tasks: numpy seeded with 1, as the reference
+
+
 def sine_rows():
     rows = []
+    # K=5: the paper's Table 2 (Appendix C.1, "5-shot mean squared error"); K=10: read off Figure 3.
     paper_k5 = {'maml': ((0.67, None), (0.38, None), (0.35, None)),
                 'pretrained': ((2.41, None), (2.23, None), (2.19, None))}
     paper_k10 = {'maml': ((0.4, None), None, None)}   # the K=10 curve: about 0.4 after one step
@@ -99,8 +109,13 @@ def sine_rows():
                 SINE_MAML + [kflag], (1, 5, 10), (),
                 'the usage block\'s command as written: flag default --update_lr=0.001'),
             Row('sine_k%d_pretrained' % k, 'sinusoid', 'pre-trained, K=%d, alpha 0.001' % k,
-                SINE_PRETRAIN + [kflag], (1, 5, 10), paper.get('pretrained', ()),
+                SINE_PRETRAIN + [kflag], (1, 5, 10), (),
                 'usage block baseline; fine-tuned at test time with the flag default alpha'),
+            Row('sine_k%d_pretrained_tuned' % k, 'sinusoid', 'pre-trained, K=%d, tuned step size (paper)' % k,
+                SINE_PRETRAIN + [kflag], (1, 5, 10), paper.get('pretrained', ()),
+                'usage block baseline, fine-tuned at test time with the step size of {} that does best on '
+                'validation tasks, as the paper tuned it'.format('/'.join(map(str, TUNED_STEP_SIZES))),
+                tune_step_size=TUNED_STEP_SIZES),
             Row('sine_k%d_oracle' % k, 'sinusoid', 'oracle, K=%d, alpha 0.001 (its number: before adapting)' % k,
                 SINE_PRETRAIN + [kflag, '--baseline=oracle'], (1, 5, 10), (),
                 'usage block baseline: amplitude and phase as inputs, so it needs no adaptation'),
@@ -265,17 +280,62 @@ def train_row(row, flags, folder, state, state_path):
 
 
 def evaluate_row(row, flags, folder, state, state_path):
-    """Evaluates the newest checkpoint unless it was already; returns the CSV's path."""
-    eval_flags = flags + ['--train=False', '--test_set=True']
-    done = state.evaluated and Path(state.evaluated['csv']).is_file() and \
-        state.evaluated['checkpoint'] == newest_checkpoint(folder)
+    """Evaluates the newest checkpoint unless it was already (with a tuned step size, after tuning
+    it); returns the CSV's path and the checkpoint."""
+    newest = newest_checkpoint(folder)
+    done = state.evaluated and Path(state.evaluated['csv']).is_file() and state.evaluated['checkpoint'] == newest
     if done:
         return Path(state.evaluated['csv']), state.evaluated['checkpoint']
+    eval_flags = flags + ['--train=False', '--test_set=True']
+    tuned = None
+    if row.tune_step_size:
+        tuned = tune_step_size(row, newest, row.tune_step_size)
+        trained_with = row.flag('update_lr', '0.001')
+        eval_flags = with_flag(eval_flags, 'update_lr', tuned['chosen']) + ['--train_update_lr=' + trained_with]
     checkpoint, csv_path, seconds = run_evaluation(eval_flags, folder / 'eval.log')
     state.eval_seconds = seconds
-    state.evaluated = {'checkpoint': checkpoint, 'csv': csv_path}
+    state.evaluated = {'checkpoint': checkpoint, 'csv': csv_path, 'step_size': tuned}
     state.save(state_path)
     return Path(csv_path), checkpoint
+
+
+def tune_step_size(row, checkpoint, candidates, tasks=600, steps=10):
+    """The fine-tuning step size among `candidates` with the lowest mean MSE after `steps` gradient
+    steps on `tasks` sinusoid tasks drawn with SINE_VALIDATION_SEED (not the test tasks), the model
+    restored from `checkpoint`: {'chosen': step size, 'validation_mse': {step size: mean MSE}}."""
+    print('== {}: tuning the fine-tuning step size on {} validation tasks'.format(row.name, tasks), flush=True)
+    mse = {}
+    for step_size in candidates:
+        after = sinusoid_adaptation(checkpoint, row, step_size, tasks, steps, SINE_VALIDATION_SEED)
+        mse[str(step_size)] = float(after[steps]) if np.isfinite(after[steps]) else float('inf')
+    chosen = min(candidates, key=lambda a: mse[str(a)])
+    print('   mean MSE after {} steps: {}; chosen: {}'.format(
+        steps, ', '.join('{} {:.3f}'.format(a, v) for a, v in mse.items()), chosen), flush=True)
+    return {'chosen': chosen, 'validation_mse': mse, 'steps': steps}
+
+
+def sinusoid_adaptation(checkpoint, row, step_size, tasks, steps, seed):
+    """Mean MSE over `tasks` sinusoid tasks (drawn with `seed`) before and after each of `steps`
+    gradient steps of `step_size`, from the weights of `checkpoint`: [steps + 1]. As in main.py's
+    CSV, the first is measured on the support points (the reference's total_loss1), the others on
+    the query points."""
+    import tensorflow as tf
+    import data_generator
+    import experiment
+    from maml import MAML, ModelConfig
+    k = int(row.flag('update_batch_size'))
+    inputs, outputs, _, _ = data_generator.SinusoidTasks(2 * k, tasks).generate(np.random.RandomState(seed))
+    batch = data_generator.split_support_query(inputs, outputs, k)
+    config = ModelConfig(datasource='sinusoid', norm=row.flag('norm', 'batch_norm'), meta_batch_size=tasks,
+                         update_batch_size=k, update_lr=step_size, pretraining=False)
+    with tf.Graph().as_default():
+        model = MAML(config, 1, 1, test_num_updates=steps)
+        model.construct_model(prefix='metaval_')
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            experiment.restore(sess, str(checkpoint), full_state=False)
+            feed = {getattr(model, name): value.astype(np.float32) for name, value in batch.items()}
+            return np.array(sess.run([model.metaval_total_loss1] + model.metaval_total_losses2, feed))
 
 
 def run_evaluation(eval_flags, log_path):
@@ -332,7 +392,7 @@ def validate_checkpoints(row, flags, folder, state, state_path, last_checkpoint,
     kept = kept_checkpoints(folder)
     log_path, scratch = folder / 'validate_checkpoints.log', folder.parent / ('.checkpoint_eval-' + row.name)
     for checkpoint in kept:
-        number = checkpoint.name[5:]
+        number = str(checkpoint_iteration(checkpoint))
         if number in state.validation:
             continue
         print('== {}: {} on the validation tasks'.format(row.name, display_path(checkpoint)), flush=True)
@@ -340,7 +400,7 @@ def validate_checkpoints(row, flags, folder, state, state_path, last_checkpoint,
         state.validation[number] = reported_numbers(row, columns)
         state.save(state_path)
     # the best among those still on disk (or already evaluated on the test tasks); ties: the earlier
-    on_disk = {p.name[5:]: p for p in kept}
+    on_disk = {str(checkpoint_iteration(p)): p for p in kept}
     tested = state.best_test['checkpoint'] if state.best_test else None
     candidates = sorted((n for n in state.validation if n in on_disk or n == tested), key=int)
     if not candidates:
@@ -422,7 +482,7 @@ def cross_check(row, data_root, checkpoint, ours, folder):
     """The record of one cross-check: the port's and the reference's numbers for one checkpoint."""
     print('== {}: the reference evaluates {}'.format(row.name, display_path(checkpoint)), flush=True)
     theirs, seconds = reference_evaluate(row, data_root, checkpoint, folder / 'reference_eval.log')
-    return {'iterations': int(re.search(r'model(\d+)$', str(checkpoint)).group(1)) + 1,
+    return {'iterations': checkpoint_iteration(checkpoint) + 1,
             'port': reported_numbers(row, ours), 'reference': reported_numbers(row, theirs), 'seconds': round(seconds),
             'date': datetime.date.today().isoformat()}
 
@@ -435,14 +495,19 @@ def reported_numbers(row, columns):
 
 def kept_checkpoints(folder):
     """The model{N} in the row's experiment folder (not those main.py moved aside into its subfolders)."""
-    return sorted((p.with_suffix('') for p in folder.glob('*/model*.index') if re.match(r'^model\d+$', p.stem)),
-                  key=lambda p: int(p.name[5:]))
+    found = []
+    for index in folder.glob('*/model*.index'):
+        try:
+            found.append((checkpoint_iteration(index.with_suffix('')), index.with_suffix('')))
+        except UserError:   # not model<N>
+            continue
+    return [path for _, path in sorted(found)]
 
 
 def newest_checkpoint(folder):
     """model{N} with the largest N in the row's experiment folder."""
     found = kept_checkpoints(folder)
-    return str(max(found, key=lambda p: int(p.name[5:]))) if found else None
+    return str(found[-1]) if found else None
 
 
 def display_path(path):
@@ -479,7 +544,7 @@ def run_row(row, iterations, logdir, data_root, results, train=True, reference_e
     kept checkpoint is evaluated on the validation tasks and the best of them on the test tasks."""
     folder = Path(logdir) / row.name
     if row.data:
-        subfolder, hint = PREPARE[row.data]
+        subfolder, hint = PREPARED_FOLDER[row.data], PREPARE_HINT[row.data]
         if row.data == 'omniglot' and not (Path(data_root) / subfolder).is_dir():
             prepare_omniglot_from_zips(Path(data_root) / subfolder)
         if not (Path(data_root) / subfolder).is_dir():
@@ -499,7 +564,7 @@ def run_row(row, iterations, logdir, data_root, results, train=True, reference_e
         raise RunnerError('{}: nothing trained yet in {}; run it without --no_train first'.format(row.name, folder))
     csv_path, checkpoint = evaluate_row(row, flags, folder, state, state_path)
     columns = read_csv(csv_path)
-    trained = int(re.search(r'model(\d+)$', checkpoint).group(1)) + 1
+    trained = checkpoint_iteration(checkpoint) + 1
     checked = results.get(row.name, {}).get('reference_eval')
     results[row.name] = {
         'status': 'done',
@@ -513,8 +578,12 @@ def run_row(row, iterations, logdir, data_root, results, train=True, reference_e
         'commits': state.commits + ([git_commit()] if git_commit() not in state.commits else []),
         'command': 'python main.py ' + ' '.join(row.command()),
         'csv': display_path(csv_path),
+        'checkpoint': display_path(checkpoint),
+        'all_steps': {name[len('update'):]: [mean, ci] for name, (mean, _, ci) in columns.items()},
         'curve': {int(k): v for k, v in state.curve.items() if int(k) < trained},
     }
+    if state.evaluated.get('step_size'):
+        results[row.name]['step_size'] = state.evaluated['step_size']
     if validate:   # after the row is recorded, as the cross-check: a failure does not lose it
         validate_checkpoints(row, flags, folder, state, state_path, checkpoint, reported_numbers(row, columns))
     if state.validation:
@@ -558,22 +627,33 @@ def verdict(row, result):
             continue
         (mean, ci), (p_mean, p_ci) = result['steps'][str(step)], paper
         where = '{} step{}: '.format(step, '' if step == 1 else 's')
-        if p_ci is None:    # a value read from the paper's curve: is it inside our interval?
+        if p_ci is None:    # a value without an interval (a table's, or read off a curve)
             inside = mean - ci <= p_mean <= mean + ci
-            words.append(where + ('the paper\'s value is inside our interval' if inside else
-                                  'MISSES: the paper\'s value is outside our interval'))
+            words.append(where + 'ours is {}{}'.format('lower' if mean < p_mean else 'higher',
+                                                       ' (the paper\'s value lies inside our interval)' if inside else ''))
         elif mean + ci < p_mean - p_ci:
-            words.append(where + 'BELOW the paper\'s interval')
+            words.append(where + 'ours is below the paper\'s interval')
         elif mean - ci > p_mean + p_ci:
-            words.append(where + 'above the paper\'s interval')
+            words.append(where + 'ours is above the paper\'s interval')
         else:
-            words.append(where + 'within the paper\'s interval')
+            words.append(where + 'our interval overlaps the paper\'s')
     return '<br>'.join(words)
 
 
-def format_duration(seconds):
-    seconds = int(seconds)
-    return '{}:{:02d}:{:02d}'.format(seconds // 3600, seconds // 60 % 60, seconds % 60)
+def render_summary(results):
+    """The four-column summary that opens RESULTS.md: each row's number, the paper's, the verdict."""
+    lines = ['| row | ours (mean ± 95% CI) | paper | verdict |', '|---|---|---|---|']
+    for row in ROWS.values():
+        result = results.get(row.name)
+        if not result or result.get('status') != 'done':
+            continue
+        ours = '<br>'.join('{}{}'.format('{} step{}: '.format(s, '' if s == 1 else 's') if len(row.steps) > 1 else '',
+                                         fmt_value(row.table, *result['steps'][str(s)])) for s in row.steps)
+        paper = '<br>'.join(fmt_value(row.table, *p) if p else '—' for p in row.paper) if row.paper else '—'
+        if result['iterations'] < result['paper_iterations']:
+            ours += ' (SHORT: {} of {} iterations)'.format(result['iterations'], result['paper_iterations'])
+        lines.append('| `{}` {} | {} | {} | {} |'.format(row.name, row.label, ours, paper, verdict(row, result)))
+    return lines
 
 
 def render_table(table, results):
@@ -598,8 +678,8 @@ def render_table(table, results):
             row.name, row.label, ours, paper, fmt_value(table, *result['pre_update']),
             result['iterations'], result['paper_iterations'],
             'SHORT: {} of {}'.format(result['iterations'], result['paper_iterations']) if short else 'full',
-            verdict(row, result), format_duration(result['train_seconds']),
-            format_duration(result['eval_seconds']), result['machine'], result['date'],
+            verdict(row, result), format_seconds(int(result['train_seconds'])),
+            format_seconds(int(result['eval_seconds'])), result['machine'], result['date'],
             ', '.join(result['commits'])))
     return lines
 
@@ -684,7 +764,22 @@ def render_cross_checks(results):
     return lines + ['']
 
 
-def render(results):
+FIGURES = 'figures'   # beside RESULTS.md: the PNGs `--figures` writes, which RESULTS.md embeds
+FIGURE_FILES = {'sinusoid': ['figure2_sinusoid_k5.png', 'figure3_sinusoid_k5.png', 'figure2_sinusoid_k10.png',
+                             'figure3_sinusoid_k10.png'],
+                'omniglot': ['omniglot_5w1s_batch_norm_meta_gradients.png'] + [
+                    '{}_validation.png'.format(name) for name in ROWS if name.startswith('omniglot')]}
+
+
+def render_figures(table, folder):
+    """Markdown embedding the figures of `table` that exist in `folder` (relative to RESULTS.md)."""
+    if folder is None:
+        return []
+    present = [name for name in FIGURE_FILES.get(table, []) if (Path(folder) / FIGURES / name).is_file()]
+    return ['![{}]({}/{})'.format(name[:-len('.png')].replace('_', ' '), FIGURES, name) for name in present]
+
+
+def render(results, folder=None):
     lines = ['# Results: the MAML paper\'s tables, reproduced with this port', '',
              'Every number here was written by `python reproduce.py ROW` from the evaluation CSV of a '
              'run (600 test tasks, `--train=False --test_set=True`); the commands and how each number '
@@ -694,11 +789,26 @@ def render(results):
              'norm that the paper\'s TensorFlow (1.1/1.2) computed, the port\'s default, except the row '
              'labelled TF >= 1.3 (`--moments_stop_gradient=True`: what the reference computes on TF 1.15 '
              'and the golden cases pin; see the README).', '']
-    titles = {'sinusoid': 'Sinusoid regression (MSE after 1, 5 and 10 inner steps; the paper gives curves, '
-                          'its values here are read from them and approximate)',
+    titles = {'sinusoid': 'Sinusoid regression (MSE after 1, 5 and 10 inner steps; the paper\'s K=5 values are '
+                          'its Table 2 in Appendix C.1, its K=10 value is read off its Figure 3)',
               'omniglot': 'Omniglot (Table 1)', 'miniimagenet': 'MiniImagenet (Table 1)'}
+    lines += ['## Summary', '', 'Accuracy in % for the image rows, mean squared error for the sinusoid. The paper '
+              'gives the sinusoid\'s numbers without an interval (K=5: its Table 2, Appendix C.1; K=10: read off '
+              'its Figure 3): the verdict says which side ours is on. Where the paper has an interval, "overlaps" '
+              'means the two 95% intervals share values.', ''] + render_summary(results) + ['', 'Each row\'s command, budget, wall time, '
+              'machine and commits: the tables below.', '']
     for table in ('sinusoid', 'omniglot', 'miniimagenet'):
         lines += ['## ' + titles[table], ''] + render_table(table, results) + ['']
+        figures_here = render_figures(table, folder)
+        if figures_here:
+            lines += ['Drawn by `python reproduce.py --figures` from these rows\' outputs:', ''] + \
+                [line + '\n' for line in figures_here]
+        tuned = [(row, results[row.name]['step_size']) for row in ROWS.values()
+                 if row.table == table and results.get(row.name, {}).get('step_size')]
+        for row, step in tuned:
+            lines += ['`{}`: fine-tuning step size {} (mean MSE after {} steps on 600 validation tasks: {}).'.format(
+                row.name, step['chosen'], step['steps'], ', '.join('{} {:.3f}'.format(a, v) for a, v in
+                                                                   step['validation_mse'].items())), '']
     lines += render_cross_checks(results)
     lines += render_checkpoint_sweeps(results)
     curves = render_curves(results)
@@ -710,7 +820,7 @@ def render(results):
 
 def write_results(path, results):
     partial = path.with_name(path.name + '.partial')
-    partial.write_text(render(results))
+    partial.write_text(render(results, path.parent))
     os.replace(partial, path)
 
 
@@ -737,10 +847,15 @@ def main(argv=None):
                              'validation tasks, and the best of them on the test tasks: where in the run the model '
                              'was best (the row itself stays the paper\'s protocol, the last checkpoint)'
                              % KEEP_CHECKPOINT_EVERY)
+    parser.add_argument('--figures', action='store_true',
+                        help='draw the paper\'s figures from the rows run so far (PNGs in figures/ beside --results, '
+                             'embedded in it); needs matplotlib: pip install -r requirements-figures.txt')
     parser.add_argument('--logdir', default=str(REPO / 'logs' / 'reproduce'))
     parser.add_argument('--data_root', default=str(REPO / 'data'))
     parser.add_argument('--results', default=str(REPO / 'RESULTS.md'))
     args = parser.parse_args(argv)
+    if args.figures and not args.rows:
+        return draw_figures(Path(args.results))
     if args.list or not args.rows:
         list_rows()
         return 0
@@ -771,7 +886,24 @@ def main(argv=None):
         write_results(results_path, latest)
         if results.get(name, {}).get('status') == 'done':
             print('{}: wrote its row of {}'.format(name, results_path), flush=True)
+    if args.figures:
+        failed = draw_figures(results_path) or failed
     return 2 if failed else 0
+
+
+def draw_figures(results_path):
+    """`--figures`: every figure whose rows have run, into figures/ beside results_path, then
+    results_path rewritten to embed them. Returns the exit code."""
+    import figures
+    try:
+        written = figures.write_figures(load_results(results_path), ROWS, results_path.parent / FIGURES, REPO)
+    except figures.FiguresError as error:
+        print('error: ' + str(error), file=sys.stderr)
+        return 2
+    write_results(results_path, load_results(results_path))
+    for _, path, caption in written:
+        print('wrote {}: {}'.format(display_path(path), caption), flush=True)
+    return 0
 
 
 if __name__ == '__main__':

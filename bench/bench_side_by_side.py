@@ -8,7 +8,10 @@ For every configuration (the paper's commands, shortened) each round runs the re
 computing batch norm from moments (`--moments`, whose meta-gradient on TF 1.15 is TF 1.3's) and this
 port, one after the other, the order turned around every round. `port_tf13` is the port with
 `--moments_stop_gradient=True`: the same math as `moments`, so `port_tf13 / moments` is the
-same-math ratio (the port's default computes TF 1.2's exact meta-gradient, one more term). Each
+same-math ratio (the port's default computes TF 1.2's exact meta-gradient, one more term).
+`port_off` is the port with `--fast_paths=off`: maml.py's plain definition, what the speed-ups save.
+`before` (with `--before DIR`): the port as checked out in DIR (e.g. a `git worktree` of an earlier
+commit), run with this checkout's interpreter: a change's effect, measured in the same run. Each
 run's time per meta-iteration comes from the moments its progress lines appear (summaries and
 validation included, start-up excluded): from the first printed iteration to the last. Prints the
 medians over the rounds, the ratios port / reference, and the start-up times (process start to "Done
@@ -38,8 +41,8 @@ MEASURED = {   # configuration: (bench_train's flags, iterations to run, progres
     'omniglot20': ('omniglot20', [], 301, 100),
     'mini1': ('mini1', [], 301, 100),
 }
-SIDES = ('reference', 'moments', 'port', 'port_tf13')
-PORT_SIDES = {'port': [], 'port_tf13': ['--moments_stop_gradient=True']}
+SIDES = ('reference', 'moments', 'port', 'port_tf13', 'port_off', 'before')
+PORT_SIDES = {'port': [], 'port_tf13': ['--moments_stop_gradient=True'], 'port_off': ['--fast_paths=off']}
 
 
 def flags_of(name, iterations=None):
@@ -49,10 +52,13 @@ def flags_of(name, iterations=None):
     return flags + extra + ['--metatrain_iterations=%d' % iterations], CONFIGS[base][1]
 
 
-def command(side, name, data_root, logdir, iterations=None):
+def command(side, name, data_root, logdir, iterations=None, before=None):
     """(command line, working folder) of one run."""
     flags, kind = flags_of(name, iterations)
     flags = flags + ['--logdir=' + str(logdir)]
+    if side == 'before':
+        return ([sys.executable, '-u', str(Path(before) / 'main.py')] + flags + ['--data_root=' + str(data_root)],
+                Path(before))
     if side in PORT_SIDES:
         return ([sys.executable, '-u', str(REPO / 'main.py')] + flags + PORT_SIDES[side] +
                 ['--data_root=' + str(data_root)], REPO)
@@ -90,6 +96,7 @@ def main():
     parser.add_argument('--iterations', type=int, default=None,
                         help='iterations per run instead of each configuration\'s own (two progress lines at least)')
     parser.add_argument('--data_root', type=Path, default=None)
+    parser.add_argument('--before', type=Path, default=None, help='a checkout of the port to run as the side `before`')
     args = parser.parse_args()
     for name in args.configs:
         interval = MEASURED[name][3]
@@ -101,6 +108,8 @@ def main():
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
         parser.error('--sides: no side {}; the sides are {}'.format(', '.join(unknown), ', '.join(SIDES)))
+    if 'before' in sides and not (args.before and (args.before / 'main.py').is_file()):
+        parser.error('the side `before` needs --before DIR, a checkout holding main.py')
     missing = reference.problem() if any(s not in PORT_SIDES for s in sides) else None
     if missing:
         print('The reference cannot run here ({}): the port\'s figures alone.'.format(missing))
@@ -121,9 +130,9 @@ def main():
                     logdir = tmp / 'logs' / '{}_{}_{}'.format(name, side, round_index)
                     if side == first_port and round_index == 0:
                         shutil.rmtree(data_root / '.cache', ignore_errors=True)   # a first run: decoding
-                    cmd, cwd = command(side, name, data_root, logdir, args.iterations)
+                    cmd, cwd = command(side, name, data_root, logdir, args.iterations, args.before)
                     startup, ms = timed_run(cmd, cwd, logdir)
-                    if cwd != REPO:
+                    if cwd not in (REPO, args.before):
                         shutil.rmtree(cwd, ignore_errors=True)
                     results.setdefault((name, side), []).append((startup, ms))
                     print('round {} {:<22s} {:<9s} start-up {:6.1f} s  {:8.2f} ms/iteration'.format(
@@ -134,7 +143,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-RATIOS = (('port', 'reference'), ('port', 'moments'), ('port_tf13', 'moments'))
+RATIOS = (('port', 'reference'), ('port', 'moments'), ('port_tf13', 'moments'), ('port_off', 'reference'),
+          ('before', 'reference'), ('port', 'before'))
 
 
 def print_table(configs, sides, results, first_port):

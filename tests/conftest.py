@@ -164,15 +164,15 @@ def reference_code():
 # ---------------------------------------------------------------------------------- golden cases
 @pytest.fixture(scope='session')
 def golden_results():
-    """golden_results(case) -> the port's quantities on tests/golden/cases/CASE on one device (computed
-    once per session: several tests compare with them)."""
+    """golden_results(case, fast_paths='auto') -> the port's quantities on tests/golden/cases/CASE on one
+    device (computed once per session: several tests compare with them)."""
     from tests import golden
     computed = {}
 
-    def results(case):
-        if case not in computed:
-            computed[case] = golden.compute_case(str(GOLDEN / 'cases' / case))
-        return computed[case]
+    def results(case, fast_paths='auto'):
+        if (case, fast_paths) not in computed:
+            computed[case, fast_paths] = golden.compute_case(str(GOLDEN / 'cases' / case), fast_paths=fast_paths)
+        return computed[case, fast_paths]
     return results
 
 
@@ -253,13 +253,13 @@ def main_flags():
 def run_in_process(main_flags):
     """run_in_process(*argv): main.run on those flags in this process, for the paths that end before a
     graph is built (bad flags, finished runs); the experiment locks it takes are released after the test."""
+    import experiment
     import main
-    import utils
     import tensorflow as tf
-    held = list(utils._held_locks)
+    held = list(experiment._held_locks)
     yield lambda *argv: main.run(main_flags(*argv))
-    for fd in [fd for fd in utils._held_locks if fd not in held]:
-        utils._held_locks.remove(fd)
+    for fd in [fd for fd in experiment._held_locks if fd not in held]:
+        experiment._held_locks.remove(fd)
         os.close(fd)
     # main.run turns eager execution off for the process once it builds a graph: only for main.py.
     assert tf.executing_eagerly(), 'main.run went as far as building a graph in the test process'

@@ -1,6 +1,6 @@
-"""batch_norm_relu_per_channel (fused gradient kernel, hand-written second derivative) and
+"""fast_paths.batch_norm_relu_per_channel (fused gradient kernel, hand-written second derivative) and
 batch_norm_relu_per_task (the same derivatives with plain reductions, tasks in the batch) against
-TF's autodiff of `normalize`, in both of its formulations: the moments of TF 1.1/1.2 (exact
+TF's autodiff of batch norm as utils.normalize computes it, in both of its formulations: the moments of TF 1.1/1.2 (exact
 derivatives, the default) and of TF 1.3 and later (stop_gradient on the mean in the variance).
 
 Truth is autodiff in float64; the fast versions must be as accurate as autodiff in float32, for
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import fast_paths
 import utils
-from utils import batch_norm_relu_per_channel, batch_norm_relu_per_task, blocked_sum, normalize
+from fast_paths import batch_norm_relu_per_channel, batch_norm_relu_per_task, blocked_sum, normalize_per_task
 
 tf1 = tf.compat.v1
 SHAPE = (5, 6, 6, 12)   # examples, H, W, tasks * filters
@@ -37,9 +38,14 @@ def derivatives(batch_norm, x_value, beta_value, dtype):
 
 
 def autodiff(stop_gradient_in_variance, layout='per_channel', blocked_sums=False):
+    """Batch norm by autodiff: utils.normalize (one task: [examples, H, W, channels]), or for several
+    tasks in the batch its per-task form, fast_paths.normalize_per_task (blocked_sums: its sums in blocks)."""
+    if layout == 'per_channel' and not blocked_sums:
+        return lambda x, beta: utils.normalize(x, 'batch_norm', {'beta': beta}, stop_gradient_in_variance)
     axes = [0, 1, 2] if layout == 'per_channel' else [1, 2, 3]
-    return lambda x, beta: normalize(x, 'batch_norm', {'beta': beta}, batch_axes=axes, feature_axes=None,
-                                     stop_gradient_in_variance=stop_gradient_in_variance, blocked_sums=blocked_sums)
+    return lambda x, beta: normalize_per_task(x, 'batch_norm', {'beta': beta}, batch_axes=axes, feature_axes=None,
+                                              stop_gradient_in_variance=stop_gradient_in_variance,
+                                              blocked_sums=blocked_sums)
 
 
 def fast_version(stop_gradient_in_variance, layout='per_channel', blocked_sums=False):
@@ -69,9 +75,9 @@ def exact(x, beta):
 @pytest.mark.parametrize('contrast', ['normal', 'low'])
 def test_values_and_two_derivatives_as_accurate_as_autodiff(contrast, stop_gradient_in_variance, layout, blocked_sums,
                                                             monkeypatch):
-    """blocked_sums: both sides sum as utils.blocked_sum does (CPU with oneDNN; here at any size), so
+    """blocked_sums: both sides sum as fast_paths.blocked_sum does (CPU with oneDNN; here at any size), so
     their moments round alike; test_blocked_sum_* check those sums against tf.reduce_sum's."""
-    monkeypatch.setattr(utils, 'MIN_BLOCKED_ELEMENTS', 0)
+    monkeypatch.setattr(fast_paths, 'MIN_BLOCKED_ELEMENTS', 0)
     x, beta = inputs(layout, contrast, np.random.RandomState(0))
     truth = derivatives(autodiff(stop_gradient_in_variance, layout), x, beta, tf.float64)
     autodiff32 = derivatives(autodiff(stop_gradient_in_variance, layout, blocked_sums), x, beta, tf.float32)
@@ -116,8 +122,8 @@ def test_per_task_version_in_float64_is_autodiff_to_rounding(stop_gradient_in_va
 @pytest.mark.parametrize('stop_gradient_in_variance', [False, True])
 def test_blocked_sums_change_only_rounding(stop_gradient_in_variance, layout, monkeypatch):
     """In float64, where rounding is negligible, batch norm with blocked sums (and with
-    utils.channel_affine in autodiff's) has the values and derivatives of the plain one."""
-    monkeypatch.setattr(utils, 'MIN_BLOCKED_ELEMENTS', 0)
+    fast_paths.channel_affine in autodiff's) has the values and derivatives of the plain one."""
+    monkeypatch.setattr(fast_paths, 'MIN_BLOCKED_ELEMENTS', 0)
     x, beta = inputs(layout, 'normal', np.random.RandomState(6))
     versions = [autodiff] + ([fast_version] if layout == 'per_task' else [])   # the fused kernel has no float64
     for version in versions:
@@ -174,19 +180,17 @@ def blocked_sum_products(graph):
 
 
 def test_model_sums_batch_norm_in_blocks_where_supported():
-    """MAML passes blocked sums to every batch norm where blocked_sums_supported() (CPU with oneDNN,
-    as main.py runs image data on x86), and none where it is off."""
+    """With --fast_paths=auto the model sums batch norm in blocks where Capabilities say so (CPU with
+    oneDNN, as main.py runs image data on x86); with off (the plain definition), nowhere."""
     from maml import MAML, ModelConfig
-    if not utils.blocked_sums_supported():
+    if not fast_paths.Capabilities.of().blocked_sums:
         pytest.skip('blocked sums run where oneDNN does; main.py leaves oneDNN to TensorFlow on this CPU')
-    config = ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=2, update_batch_size=1, num_updates=1)
     counts = []
-    for blocked_sums in (True, False):
+    for path in ('auto', 'off'):
+        config = ModelConfig(datasource='omniglot', num_classes=5, meta_batch_size=2, update_batch_size=1,
+                             num_updates=1, fast_paths=path)
         with tf.Graph().as_default() as graph:
             model = MAML(config, 784, 5, test_num_updates=1)
-            assert model.blocked_sums       # the default where supported
-            model.blocked_sums = blocked_sums
-            model.allow_first_layer_from_patches = blocked_sums   # its offset gradient is a blocked sum too
             inputs = {k: tf1.placeholder(tf.float32, [2, None, 784 if k.startswith('input') else 5])
                       for k in ('inputa', 'inputb', 'labela', 'labelb')}
             model.construct_model(inputs)

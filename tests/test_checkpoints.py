@@ -1,5 +1,5 @@
 """Checkpoints: relaunch, reference checkpoints, --test_iter, the variables saved (resuming after faults:
-test_faults.py)."""
+test_faults.py; the published MiniImagenet model: test_miniimagenet.py)."""
 import dataclasses
 import shutil
 
@@ -7,17 +7,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import main
+import experiment
 from maml import MAML, ModelConfig
 from tests.cli import run_main
 from tests.conftest import GOLDEN, SINUSOID_FLAGS, SINUSOID_ITERATIONS
-from utils import UserError
+from experiment import UserError
 
 tf1 = tf.compat.v1
 FLAGS = ['--datasource=sinusoid', '--norm=None', '--update_batch_size=10', '--update_lr=0.01']
 EXP = 'cls_5.mbs_25.ubs_10.numstep1.updatelr0.01nonorm'
-MINI_CKPT = GOLDEN / 'reference_checkpoints' / 'miniimagenet1shot'
-MINI_EXP = 'cls_5.mbs_4.ubs_1.numstep5.updatelr0.01hidden32maxpoolbatchnorm'
 
 
 def checkpoints_in(folder):
@@ -34,7 +32,7 @@ def test_relaunching_a_finished_run_trains_nothing(copy_of_sinusoid_run, run_in_
     assert sorted(p.name for p in exp.iterdir()) == before
 
 
-def test_test_iter_evaluates_the_named_checkpoint(copy_of_sinusoid_run, main_flags):
+def test_test_iter_evaluates_the_named_checkpoint(copy_of_sinusoid_run):
     logdir, exp, _ = copy_of_sinusoid_run
     command = SINUSOID_FLAGS + ['--metatrain_iterations=%d' % SINUSOID_ITERATIONS, '--logdir=' + str(logdir)]
     result = run_main(*command, '--train=False', '--test_iter=1000')
@@ -43,7 +41,7 @@ def test_test_iter_evaluates_the_named_checkpoint(copy_of_sinusoid_run, main_fla
     assert (exp / 'test_ubs5_stepsize0.001.csv').is_file()
     # A missing one is a clear error naming the ones there are.
     with pytest.raises(UserError) as raised:
-        main.evaluation_checkpoint(main_flags(*command, '--train=False', '--test_iter=1234'), str(exp))
+        experiment.evaluation_checkpoint(str(exp), test_iter=1234)
     assert all(n in str(raised.value) for n in ('model1234', '1000', '2000', '2099')), raised.value
 
 
@@ -57,23 +55,6 @@ def test_reference_checkpoint_resumes_training_with_fresh_optimizer(tmp_path, re
     old = read_checkpoint(logdir / EXP / 'model4999')
     assert set(old) < set(new)                                  # now with Adam's state
     assert 0 < np.abs(new['model/Variable_2'] - old['model/Variable_2']).max() < 0.01
-
-
-def test_published_miniimagenet_checkpoint_restores_by_name_exactly():
-    with tf.Graph().as_default():
-        config = ModelConfig(datasource='miniimagenet', meta_batch_size=4, update_batch_size=1, update_lr=0.01,
-                             num_updates=5, num_filters=32, max_pool=True)
-        model = MAML(config, 84 * 84 * 3, 5, test_num_updates=1)
-        model.construct_model(prefix='metatrain_')
-        path = str(MINI_CKPT / MINI_EXP / 'model59000')
-        stored = dict(tf1.train.list_variables(path))
-        ours = {v.op.name: v.shape.as_list() for v in tf1.trainable_variables()}
-        assert ours == stored                          # nothing missing, nothing left over
-        with tf1.Session() as sess:
-            sess.run(tf1.global_variables_initializer())
-            assert main.restore(sess, path, full_state=True) is False   # weights only, Adam fresh
-            np.testing.assert_array_equal(sess.run(model.weights['w5']),
-                                          tf1.train.load_checkpoint(path).get_tensor('model/w5'))
 
 
 def saved_variables(config, dim_input, dim_output):

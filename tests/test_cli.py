@@ -5,7 +5,7 @@ main.py prints as its one `error:` line); a few through main.py itself, as a use
 import pytest
 
 from tests.cli import run_main
-from utils import UserError
+from experiment import UserError
 
 SINE = ['--datasource=sinusoid', '--norm=None', '--metatrain_iterations=10']
 

@@ -8,30 +8,28 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import main
-import utils
+import experiment
 from tests.cli import REPO, run_main
 from tests.conftest import SINUSOID_EXPERIMENT as EXP, SINUSOID_FLAGS as FLAGS, SINUSOID_ITERATIONS as TOTAL
-from utils import checkpoint_problem
+from experiment import checkpoint_problem
 
 tf1 = tf.compat.v1
 
-# main.py with a fault injected into utils.save_checkpoint at model{KILL_AT}: the process dies
+# main.py with a fault injected into experiment.save_checkpoint at model{KILL_AT}: the process dies
 # (os._exit, like kill -9: no handler, no cleanup) at KILL_POINT, or the save fails like a full disk.
 FAULTY_MAIN = '''
 import os, runpy, sys
 sys.path.insert(0, os.getcwd())
 import tensorflow as tf
-import utils
+import experiment
 target, point = '.partial-model' + os.environ['KILL_AT'], os.environ['KILL_POINT']
 final = 'model' + os.environ['KILL_AT'] + '.index'
-real_files, real_replace, real_save = utils.checkpoint_files, os.replace, tf.compat.v1.train.Saver.save
+real_files, real_replace, real_save = experiment.checkpoint_files, os.replace, tf.compat.v1.train.Saver.save
 def checkpoint_files(path):
     if point == 'after_write' and path.endswith(target):
         os._exit(9)
@@ -46,7 +44,7 @@ def save(self, sess, path, *args, **kwargs):
     if point == 'disk_full' and path.endswith(target):
         raise OSError(28, 'No space left on device')
     return real_save(self, sess, path, *args, **kwargs)
-utils.checkpoint_files, os.replace, tf.compat.v1.train.Saver.save = checkpoint_files, replace, save
+experiment.checkpoint_files, os.replace, tf.compat.v1.train.Saver.save = checkpoint_files, replace, save
 sys.argv = ['main.py'] + sys.argv[1:]
 runpy.run_path('main.py', run_name='__main__')
 '''
@@ -114,11 +112,11 @@ RESUMES = {   # damage: (the checkpoint training resumes from, what main.py prin
 
 @pytest.mark.parametrize('how', list(RESUMES))
 def test_training_resumes_from_the_newest_intact_checkpoint(copy_of_finished, capsys, how):
-    """What main.py's start does with each damage (in-process: main.training_checkpoint)."""
+    """What main.py's start does with each damage (in-process: experiment.training_checkpoint)."""
     _, exp, _ = copy_of_finished
     damage(exp, how)
     resumes_from, line = RESUMES[how]
-    path = main.training_checkpoint(types.SimpleNamespace(resume=True, test_iter=-1), str(exp))
+    path = experiment.training_checkpoint(str(exp))
     assert path == str(exp / resumes_from)
     printed = capsys.readouterr().out
     assert line.format(exp=exp) in printed, printed
@@ -158,8 +156,8 @@ def corrupt_in_place(exp):
 def test_evaluating_a_damaged_test_iter_names_it_and_the_intact_ones(copy_of_finished):
     _, exp, _ = copy_of_finished
     corrupt_in_place(exp)
-    with pytest.raises(utils.UserError) as raised:
-        main.evaluation_checkpoint(types.SimpleNamespace(test_iter=2000), str(exp))
+    with pytest.raises(experiment.UserError) as raised:
+        experiment.evaluation_checkpoint(str(exp), test_iter=2000)
     message = str(raised.value)
     for needle in ('--test_iter=2000', str(exp / 'model2000'), 'damaged', 'intact: [1000, 2099]'):
         assert needle in message, message
@@ -250,22 +248,22 @@ def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
-        with pytest.raises(utils.UserError, match='another training run \\(pid {} on'.format(holder.pid)):
-            utils.lock_experiment(str(tmp_path))
+        with pytest.raises(experiment.UserError, match='another training run \\(pid {} on'.format(holder.pid)):
+            experiment.lock_experiment(str(tmp_path))
     finally:
         holder.kill()
         holder.wait()
-    fd = utils.lock_experiment(str(tmp_path))
+    fd = experiment.lock_experiment(str(tmp_path))
     try:
         assert (tmp_path / '.lock').read_text().startswith('pid {} on'.format(os.getpid()))
     finally:
-        utils._held_locks.remove(fd)
+        experiment._held_locks.remove(fd)
         os.close(fd)
 
 
 HOLD_LOCK = """import sys, time
 sys.path.insert(0, sys.argv[1])
-from utils import lock_experiment
+from experiment import lock_experiment
 lock_experiment(sys.argv[2])
 print('locked', flush=True)
 time.sleep(600)
@@ -306,25 +304,19 @@ def test_an_unwritable_experiment_folder_mid_run_is_a_failed_save(tmp_path, one_
     one_line_error(result, 'could not save checkpoint model1000 at iteration 1000', str(exp))
 
 
-def save_counter_checkpoints(folder, iterations, keep_every=0):
-    """save_checkpoint of a counter v (v = how many saves so far) at each of `iterations`; returns
+def save_counter_checkpoints(counter, folder, iterations, keep_every=0):
+    """save_checkpoint of the counter v (v = how many saves so far) at each of `iterations`; returns
     the names of the checkpoints left in folder, the newest first."""
-    from utils import list_checkpoints, save_checkpoint
-    with tf.Graph().as_default():
-        variable = tf1.get_variable('v', [3], initializer=tf1.zeros_initializer())
-        step = tf1.assign_add(variable, tf.ones([3]))
-        saver = tf1.train.Saver(max_to_keep=None)
-        with tf1.Session() as sess:
-            sess.run(tf1.global_variables_initializer())
-            for itr in iterations:
-                sess.run(step)
-                saved = save_checkpoint(saver, sess, str(folder), itr, keep_every=keep_every)
-                assert saved == str(folder / ('model%d' % itr))
-    return [os.path.basename(p) for p in list_checkpoints(str(folder))]
+    saver, sess, step = counter
+    for itr in iterations:
+        sess.run(step)
+        saved = experiment.save_checkpoint(saver, sess, str(folder), itr, keep_every=keep_every)
+        assert saved == str(folder / ('model%d' % itr))
+    return [os.path.basename(p) for p in experiment.list_checkpoints(str(folder))]
 
 
-def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_file(tmp_path, read_checkpoint):
-    kept = save_counter_checkpoints(tmp_path, range(0, 13000, 1000))
+def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_file(counter, tmp_path, read_checkpoint):
+    kept = save_counter_checkpoints(counter, tmp_path, range(0, 13000, 1000))
     assert kept == ['model%d' % i for i in range(12000, 2000, -1000)]
     assert sorted(os.listdir(tmp_path)) == sorted(['checkpoint'] + [n + suffix for n in kept for suffix in (
         '.index', '.data-00000-of-00001')])
@@ -335,8 +327,8 @@ def test_save_checkpoint_keeps_the_newest_ten_and_names_them_in_the_checkpoint_f
     np.testing.assert_array_equal(read_checkpoint(tmp_path / 'model12000')['v'], [13, 13, 13])
 
 
-def test_save_checkpoint_keeps_every_multiple_of_keep_every_besides_the_newest_ten(tmp_path, read_checkpoint):
-    kept = save_counter_checkpoints(tmp_path, list(range(1000, 21000, 1000)) + [20999], keep_every=5000)
+def test_save_checkpoint_keeps_every_multiple_of_keep_every_besides_the_newest_ten(counter, tmp_path, read_checkpoint):
+    kept = save_counter_checkpoints(counter, tmp_path, list(range(1000, 21000, 1000)) + [20999], keep_every=5000)
     assert kept == ['model20999'] + ['model%d' % i for i in range(20000, 11000, -1000)] + ['model10000', 'model5000']
     # the `checkpoint` file names the newest ten only, as without keep_every
     state = tf1.train.get_checkpoint_state(str(tmp_path))
@@ -363,7 +355,7 @@ def counter(tmp_path):
 
 def kill_saving(monkeypatch, point, itr):
     """Makes save_checkpoint of model{itr} die at `point`, as FAULTY_MAIN does in a real run."""
-    real_files, real_replace = utils.checkpoint_files, os.replace
+    real_files, real_replace = experiment.checkpoint_files, os.replace
     final = 'model{}.index'.format(itr)
 
     def checkpoint_files(path):
@@ -377,8 +369,8 @@ def kill_saving(monkeypatch, point, itr):
         real_replace(src, dst)
         if point == 'before_state' and dst.endswith(final):
             raise Killed
-    monkeypatch.setattr(utils, 'checkpoint_files', checkpoint_files)
-    monkeypatch.setattr(utils.os, 'replace', replace)
+    monkeypatch.setattr(experiment, 'checkpoint_files', checkpoint_files)
+    monkeypatch.setattr(experiment.os, 'replace', replace)
 
 
 @pytest.mark.parametrize('point, resumes_from, partial_files', [
@@ -387,15 +379,15 @@ def test_a_save_killed_at_any_point_resumes_from_the_newest_complete_checkpoint(
         counter, tmp_path, monkeypatch, capsys, read_checkpoint, point, resumes_from, partial_files):
     saver, sess, step = counter
     sess.run(step)
-    utils.save_checkpoint(saver, sess, str(tmp_path), 1000)
+    experiment.save_checkpoint(saver, sess, str(tmp_path), 1000)
     sess.run(step)
     with monkeypatch.context() as patched:
         kill_saving(patched, point, 2000)
         with pytest.raises(Killed):
-            utils.save_checkpoint(saver, sess, str(tmp_path), 2000)
+            experiment.save_checkpoint(saver, sess, str(tmp_path), 2000)
     assert 'model_checkpoint_path: "model1000"' in (tmp_path / 'checkpoint').read_text()
     capsys.readouterr()
-    path = main.training_checkpoint(types.SimpleNamespace(resume=True, test_iter=-1), str(tmp_path))
+    path = experiment.training_checkpoint(str(tmp_path))
     assert path == str(tmp_path / resumes_from)
     printed = capsys.readouterr().out
     removed = re.findall(r'Removed (\d+) temporary file\(s\) of a save that was interrupted', printed)
@@ -408,14 +400,14 @@ def test_a_save_killed_at_any_point_resumes_from_the_newest_complete_checkpoint(
 def test_a_failing_save_raises_one_line_and_keeps_the_earlier_checkpoints(counter, tmp_path):
     saver, sess, step = counter
     sess.run(step)
-    utils.save_checkpoint(saver, sess, str(tmp_path), 1000)
+    experiment.save_checkpoint(saver, sess, str(tmp_path), 1000)
 
     class FullDisk:
         def save(self, sess, path, **kwargs):
             open(path + '.index', 'w').close()          # a part written, then the disk is full
             raise OSError(28, 'No space left on device')
-    with pytest.raises(utils.UserError) as raised:
-        utils.save_checkpoint(FullDisk(), sess, str(tmp_path), 2000)
+    with pytest.raises(experiment.UserError) as raised:
+        experiment.save_checkpoint(FullDisk(), sess, str(tmp_path), 2000)
     message = str(raised.value)
     assert '\n' not in message
     for needle in ('could not save checkpoint model2000 at iteration 2000', str(tmp_path), 'No space left on device',
@@ -429,6 +421,6 @@ def test_a_save_into_a_folder_that_became_a_file_raises_one_line(counter, tmp_pa
     saver, sess, _ = counter
     folder = tmp_path / 'exp'
     folder.write_text('not a folder any more')
-    with pytest.raises(utils.UserError, match='could not save checkpoint model1000 at iteration 1000 in ' +
+    with pytest.raises(experiment.UserError, match='could not save checkpoint model1000 at iteration 1000 in ' +
                        re.escape(str(folder))):
-        utils.save_checkpoint(saver, sess, str(folder), 1000)
+        experiment.save_checkpoint(saver, sess, str(folder), 1000)

@@ -1,8 +1,9 @@
-"""The first layer's batch norm from its input's patch moments (utils.conv_batch_norm_relu_from_patches)
+"""The first layer's batch norm from its input's patch moments (fast_paths.conv_batch_norm_relu_from_patches)
 against the convolution and batch norm it replaces, and the model built with it against the model
 built without it.
 
-Truth is autodiff of the plain convolution and `normalize` in float64; the patch version runs in
+Truth is autodiff of the plain convolution and batch norm (fast_paths.normalize_per_task, as
+utils.normalize for each task) in float64; the patch version runs in
 float32 (its grouped convolution needs oneDNN, which has no float64) and must be as accurate as
 that autodiff in float32: values, and first and second derivatives in the kernel, the conv bias and
 beta, in both formulations of the moments.
@@ -11,15 +12,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import fast_paths
+from fast_paths import conv_batch_norm_relu_from_patches, normalize_per_task, patch_moments
 from maml import MAML, ModelConfig
-from utils import conv_batch_norm_relu_from_patches, fused_bn_grad_supported, normalize, patch_moments
 
 tf1 = tf.compat.v1
 TASKS, EXAMPLES, FILTERS = 3, 4, 8
 STRIDES = [1, 2, 2, 1]
 NAMES = ['y', 'd/dkernel', 'd/dbias', 'd/dbeta', 'd2/dkernel', 'd2/dbias', 'd2/dbeta']
 
-needs_onednn = pytest.mark.skipif(not fused_bn_grad_supported(), reason='the patch version runs where oneDNN does')
+needs_onednn = pytest.mark.skipif(not fast_paths.Capabilities.of().fused_bn_grad,
+                                  reason='the patch version runs where oneDNN does')
 
 
 def strokes(rng, shape):
@@ -36,8 +39,8 @@ def per_task_conv(x, kernel, num_tasks, strides):
 def conv_then_batch_norm(x, kernel, bias, beta, stop_gradient_in_variance):
     z = per_task_conv(x, kernel, TASKS, STRIDES) + bias
     per_task = tf.reshape(z, z.shape[:3].as_list() + [TASKS, FILTERS])
-    y = normalize(per_task, 'batch_norm', {'beta': beta}, batch_axes=[0, 1, 2], feature_axes=None,
-                  stop_gradient_in_variance=stop_gradient_in_variance)
+    y = normalize_per_task(per_task, 'batch_norm', {'beta': beta}, batch_axes=[0, 1, 2], feature_axes=None,
+                           stop_gradient_in_variance=stop_gradient_in_variance)
     return tf.reshape(y, z.shape)
 
 
@@ -104,6 +107,17 @@ def test_patch_moments_give_each_channels_mean_and_variance(channels, strides):
     np.testing.assert_allclose(np.einsum('tkf,tkl,tlf->tf', w, covariance, w), z.var(0), rtol=1e-10)
 
 
+def with_capabilities(**changes):
+    """A Capabilities.of that gives this machine's capabilities with `changes`."""
+    real = fast_paths.Capabilities.of
+
+    def of(device=None):
+        capabilities = real(device)
+        vars(capabilities).update(changes)
+        return capabilities
+    return of
+
+
 MODEL_CONFIGS = {
     'exact': {},
     'tf13_moments': dict(moments_stop_gradient=True),
@@ -112,7 +126,7 @@ MODEL_CONFIGS = {
 SLOW_CONFIGS = ('tf13_moments', 'first_order')
 
 
-def model_outputs(enabled, extra):
+def model_outputs(enabled, extra, monkeypatch):
     """Query outputs after 3 steps and the meta-gradient through 2 (the second per task)."""
     rng = np.random.RandomState(5)
     way = 5
@@ -120,8 +134,9 @@ def model_outputs(enabled, extra):
         config = ModelConfig(datasource='omniglot', num_classes=way, meta_batch_size=TASKS, update_batch_size=1,
                              update_lr=0.4, num_updates=2, num_filters=FILTERS, **extra)
         model = MAML(config, 28 * 28, way, test_num_updates=3)
-        model.allow_first_layer_from_patches = enabled
-        model.construct_model(prefix='metatrain_')
+        with monkeypatch.context() as patched:
+            patched.setattr(fast_paths.Capabilities, 'of', with_capabilities(first_layer_from_patches=enabled))
+            model.construct_model(prefix='metatrain_')
         variables = tf1.trainable_variables()
         gradients = [g for g in tf.gradients(model.total_losses2[1], variables) if g is not None]
         labels = np.tile(np.eye(way, dtype=np.float32), (TASKS, 1, 1))
@@ -139,9 +154,9 @@ def model_outputs(enabled, extra):
 @needs_onednn
 @pytest.mark.parametrize('name', [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CONFIGS else [])
                                   for n in MODEL_CONFIGS])
-def test_model_computes_the_same_with_the_first_layer_from_patches(name):
-    without, patch_ops_without = model_outputs(False, MODEL_CONFIGS[name])
-    with_patches, patch_ops = model_outputs(True, MODEL_CONFIGS[name])
+def test_model_computes_the_same_with_the_first_layer_from_patches(name, monkeypatch):
+    without, patch_ops_without = model_outputs(False, MODEL_CONFIGS[name], monkeypatch)
+    with_patches, patch_ops = model_outputs(True, MODEL_CONFIGS[name], monkeypatch)
     assert (patch_ops_without, patch_ops) == (0, 2)   # once per input (support and query), not per step
     assert len(with_patches) == len(without)
     for want, got in zip(without, with_patches):

@@ -1,11 +1,12 @@
-"""The first inner step from the shared weights (plain convolutions over all tasks' examples, each
-task's kernel gradient from a probe) against the per-task step it replaces; the conv biases that
-batch norm cancels."""
+"""The fast paths' first inner step from the shared weights (plain convolutions over all tasks'
+examples, each task's kernel gradient from a probe: FastPaths._support_pass_from_shared_weights)
+against their per-task step it replaces; the conv biases that batch norm cancels."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from maml import CONV_BIASES, MAML, ModelConfig
+from fast_paths import CONV_BIASES
+from maml import MAML, ModelConfig
 
 tf1 = tf.compat.v1
 TASKS, WAY = 3, 5
@@ -53,11 +54,12 @@ def build_first_step_both_ways(model):
     output, meta-gradient], the ReLUs' outputs, the max pools' inputs)."""
     graph = tf1.get_default_graph()
     inputs = (model.inputa, model.labela, model.inputb, model.labelb)
+    fast = model.fast_paths[0]
     steps = []
     for from_shared in (True, False):
         before = set(graph.get_operations())
-        fast_weights, outputb, lossb = model._inner_step(*inputs, model.weights_per_task(TASKS),   # noqa: SLF001
-                                                         from_shared_weights=from_shared)
+        fast_weights, outputb, lossb = fast._inner_step(*inputs, fast.weights_per_task(TASKS),   # noqa: SLF001
+                                                        from_shared_weights=from_shared)
         meta_gradient = tf.gradients(tf.reduce_sum(lossb), tf1.trainable_variables())
         new_ops = [op for op in graph.get_operations() if op not in before]
         steps.append(([fast_weights, outputb, [g for g in meta_gradient if g is not None]],
@@ -128,7 +130,7 @@ def test_conv_biases_before_batch_norm_get_exact_zero_gradients_and_change_nothi
         model, feed = build('omniglot', rng)
         biases = [model.weights[b] for b in CONV_BIASES]
         gradients = {v.op.name: g for g, v in model.gvs}
-        fast_weights = model.weights_per_task(TASKS)
+        fast_weights = model.fast_paths[0].weights_per_task(TASKS)
         assert not set(CONV_BIASES) & set(fast_weights)          # the inner loop leaves them out
         slots = {v.op.name for v in tf1.global_variables()}
         assert all(b.op.name + '/Adam' in slots and b.op.name + '/Adam_1' in slots for b in biases)
@@ -151,7 +153,7 @@ def test_tf13_moments_give_the_conv_biases_a_meta_gradient():
     rng = np.random.RandomState(2)
     with tf.Graph().as_default():
         model, feed = build('omniglot_tf13_moments', rng)
-        assert set(CONV_BIASES) <= set(model.weights_per_task(TASKS))
+        assert set(CONV_BIASES) <= set(model.fast_paths[0].weights_per_task(TASKS))
         gradients = {v.op.name: g for g, v in model.gvs}
         with tf1.Session() as sess:
             sess.run(tf1.global_variables_initializer())

@@ -19,9 +19,12 @@ def test_all_four_cases_are_present():
     assert {'sine_k10_2steps', 'sine_oracle_pretrain', 'omniglot_5w1s', 'omniglot_5w1s_firstorder'} <= set(CASES)
 
 
-@pytest.mark.parametrize('case', CASES)
-def test_case_matches_reference_within_tolerance(case, golden_results):
-    ratios = golden.compare(str(GOLDEN / 'cases' / case), golden_results(case))
+@pytest.mark.parametrize('case, fast_paths', [
+    pytest.param(case, path, marks=[pytest.mark.slow] if path == 'off' and case.startswith('omniglot') else [])
+    for case in CASES for path in ('auto', 'off')])
+def test_case_matches_reference_within_tolerance(case, fast_paths, golden_results):
+    """With the fast paths (auto) and with the plain definition (off)."""
+    ratios = golden.compare(str(GOLDEN / 'cases' / case), golden_results(case, fast_paths))
     assert len(ratios) >= 38 and [(n, r) for n, r in ratios if not r <= 1.0] == []
 
 
@@ -29,7 +32,7 @@ def run_without_onednn(script, *args):
     """Runs `script` (Python) in a process with oneDNN off: CPU TensorFlow then has no grouped
     convolution (each task gets its own) and the model takes its fallbacks."""
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS='0', TF_CPP_MIN_LOG_LEVEL='3')
-    result = subprocess.run([sys.executable, '-c', 'import utils; assert not utils.grouped_conv_supported()\n' + script,
+    result = subprocess.run([sys.executable, '-c', 'import fast_paths; assert not fast_paths.Capabilities.of().grouped_conv\n' + script,
                              *args], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -53,14 +56,15 @@ def test_tensorflow_runs_here_as_main_sets_it_for_image_data():
     """conftest loads TensorFlow with oneDNN as main.py sets it for image data, so the in-process
     tests run the paths main.py runs on this CPU (TensorFlow itself leaves oneDNN off on x86 CPUs
     without AVX-512 VNNI)."""
+    import fast_paths
     import main
-    import utils
     if 'TF_ENABLE_ONEDNN_OPTS' in os.environ:
         pytest.skip('TF_ENABLE_ONEDNN_OPTS={} is set for this run'.format(os.environ['TF_ENABLE_ONEDNN_OPTS']))
     wanted = main.onednn_default(['--datasource=omniglot'], platform.machine(), as_script=True)
     if wanted is None:
         pytest.skip('main.py leaves oneDNN to TensorFlow on {}'.format(platform.machine()))
-    assert utils.grouped_conv_supported() == utils.fused_bn_grad_supported() == (wanted == '1')
+    can = fast_paths.Capabilities.of()
+    assert can.grouped_conv == can.fused_bn_grad == (wanted == '1')
 
 
 TF12_SCRIPT = '\n'.join([

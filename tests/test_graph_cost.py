@@ -1,8 +1,10 @@
-"""What one meta-update executes: the inner steps it needs, and nothing the summaries alone need.
+"""What one meta-update executes with the fast paths: the inner steps it needs, and nothing the
+summaries alone need.
 
 The training graph holds max(num_updates, test_num_updates) inner steps (10 for Omniglot) so the
-summaries can report every step. The reference computed all of them on every iteration; here the
-training op must run only the num_updates steps its meta-gradient goes through. Checked on what
+summaries can report every step. The reference computed all of them on every iteration (and so does
+the plain definition, --fast_paths=off); with the fast paths the training op must run only the
+num_updates steps its meta-gradient goes through. Checked on what
 TensorFlow actually runs (a traced session run), counting the convolutions with the functions
 bench/bench_conv_floor.py times them with.
 """
@@ -13,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from bench.bench_conv_floor import build_training_graph, conv_flops, convolutions_run_by, runs_plain
-from utils import fused_bn_grad_supported, grouped_conv_supported
+from fast_paths import Capabilities
 
 tf1 = tf.compat.v1
 TASKS = 2
@@ -50,7 +52,7 @@ def test_convolutions_of_one_step_meta_update():
     # the kernels differ.
     # The first step's convolutions with the shared kernels run plain whatever the CPU (7 of first
     # order's 22, 20 of second order's 42).
-    per_task_op = 1 if grouped_conv_supported() else TASKS
+    per_task_op = 1 if Capabilities.of().grouped_conv else TASKS
     first_order = convolutions(1, test_num_updates=10, stop_grad=True)
     second_order = convolutions(1, test_num_updates=10)
     assert sum(first_order.values()) == 7 + 15 * per_task_op
@@ -94,14 +96,15 @@ def test_the_first_steps_shared_kernel_convolutions_run_plain():
     # support forward and input gradients run plain (7); the query pass's filter gradients (4), which
     # only the shared weights' gradient reads, could too: 11 of 22.
     # Where the first layer's batch norm comes from its input's patches (oneDNN), that layer's kernel
-    # is scaled per task (utils.conv_batch_norm_relu_from_patches): its forward pass, and in second
+    # is scaled per task (fast_paths.conv_batch_norm_relu_from_patches): its forward pass, and in second
     # order the forward's filter gradient, run grouped, 2 fewer plain; in first order the query
     # pass's filter gradient of that layer is no longer one the shared weights' gradient alone reads.
     second_order = convolutions(1, test_num_updates=10)
     first_order = convolutions(1, test_num_updates=10, stop_grad=True)
     # Without grouped convolution (oneDNN off) the others are one convolution per task.
-    per_task_op = 1 if grouped_conv_supported() else TASKS
-    first_layer = 1 if fused_bn_grad_supported() else 0
+    can = Capabilities.of()
+    per_task_op = 1 if can.grouped_conv else TASKS
+    first_layer = 1 if can.first_layer_from_patches else 0
     assert runs_plain_count(second_order) == could_be_plain_count(second_order) == 20 - 2 * first_layer
     assert runs_plain_count(first_order) == 7 - first_layer
     assert could_be_plain_count(first_order) == 7 - first_layer + (4 - first_layer) * per_task_op
@@ -124,9 +127,10 @@ def test_steps_nothing_differentiates_are_one_loop_with_the_unrolled_numbers():
         model.construct_model(prefix='metaval_')     # builds the weights; evaluation: all steps in the loop
         inputs = (model.inputa, model.labela, model.inputb, model.labelb)
         ops_before = len(graph.get_operations())
-        looped = model.fast_adapt(*inputs, steps, unrolled_steps=1)
+        fast = model.fast_paths[0]
+        looped = fast.meta_batch(*inputs, steps, unrolled_steps=1)
         ops_looped = len(graph.get_operations()) - ops_before
-        unrolled = model.fast_adapt(*inputs, steps)
+        unrolled = fast.meta_batch(*inputs, steps)
         ops_unrolled = len(graph.get_operations()) - ops_before - ops_looped
         assert ops_looped < 0.5 * ops_unrolled
         rng = np.random.RandomState(0)
@@ -146,18 +150,19 @@ def test_steps_nothing_differentiates_are_one_loop_with_the_unrolled_numbers():
 
 
 def test_cross_entropy_on_known_shapes_is_the_wrappers_kernel_with_fewer_operations():
-    """utils.xent calls the softmax cross-entropy kernel on the flattened shape known when the graph is
-    built: the same loss and first and second derivatives as tf.nn.softmax_cross_entropy_with_logits,
-    bit for bit, from fewer operations."""
+    """fast_paths.xent_per_task calls the softmax cross-entropy kernel on the flattened shape known when
+    the graph is built: the same loss and first and second derivatives as utils.xent (the wrapper
+    tf.nn.softmax_cross_entropy_with_logits), bit for bit, from fewer operations."""
     import numpy as np
-    from utils import xent
+    from fast_paths import xent_per_task as xent
+    from utils import xent as plain_xent
     rng = np.random.RandomState(0)
     logits = rng.randn(3, 4, 5).astype(np.float32)
     labels = np.eye(5, dtype=np.float32)[rng.randint(5, size=(3, 4))]
     weights, directions = rng.rand(3, 4).astype(np.float32), rng.randn(3, 4, 5).astype(np.float32)
     results, op_counts = [], []
     for loss_of in (lambda pred, label: xent(pred, label, 2),
-                    lambda pred, label: tf.nn.softmax_cross_entropy_with_logits(labels=label, logits=pred) / 2):
+                    lambda pred, label: plain_xent(pred, label, 2)):
         with tf.Graph().as_default() as graph:
             pred = tf.constant(logits)
             ops_before = len(graph.get_operations())

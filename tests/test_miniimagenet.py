@@ -9,6 +9,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import devices
+import experiment
 import main
 from data_generator import load_image_dataset, miniimagenet_class_folders
 from maml import MAML, ModelConfig
@@ -76,7 +78,7 @@ def test_published_checkpoint_restores_by_name_and_is_what_the_model_computes_wi
         with tf1.Session() as sess:
             sess.run(tf1.global_variables_initializer())
             random_outputs = sess.run(model.outputas, feed)
-            assert main.restore(sess, path, full_state=True) is False   # weights only, Adam fresh
+            assert experiment.restore(sess, path, full_state=True) is False   # weights only, Adam fresh
             outputs = sess.run(model.outputas, feed)[0]
             weights, norm_params = sess.run([model.weights, model.norm_params])
     reader = tf1.train.load_checkpoint(path)
@@ -109,11 +111,11 @@ def first_test_tasks_in_process(main_flags, data_root, logdir, count):
     with tf.Graph().as_default():
         tf1.set_random_seed(main.TRAIN_SEED)
         model, _, _, initializers = main.build_model(f, config, main.test_num_updates_for('miniimagenet', False), 0,
-                                                     60000, main.make_placement(f))
+                                                     60000, devices.make_placement(f))
         with tf1.Session() as sess:
             sess.run([tf1.global_variables_initializer()] + [op for op, _ in initializers],
                      {p: v for _, feed in initializers for p, v in feed.items()})
-            main.restore(sess, str(logdir / EXP / 'model59000'), full_state=False)
+            experiment.restore(sess, str(logdir / EXP / 'model59000'), full_state=False)
             fetch = [model.metaval_total_accuracy1] + model.metaval_total_accuracies2
             return np.array([sess.run(fetch) for _ in range(count)])
 
@@ -139,7 +141,7 @@ def test_published_checkpoint_evaluates_on_the_standin(data_root, tmp_path, main
 
 
 def test_missing_data_names_the_preparation_command(tmp_path, main_flags):
-    from utils import UserError
+    from experiment import UserError
     f = main_flags(*ONE_SHOT, '--data_root=' + str(tmp_path), '--logdir=' + str(tmp_path / 'logs'))
     with pytest.raises(UserError, match='miniImagenet.*prepare_miniimagenet.py'):
         main.image_tasks(f, 'train', 4, 16, main.TRAIN_SEED)

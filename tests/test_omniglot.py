@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import data_generator as data  # noqa: E402
 from tests.cli import ENV as SUBPROCESS_ENV, main_command, run_main  # noqa: E402
 from tests.conftest import OMNIGLOT_SUBSET, STANDIN_DRAWINGS  # noqa: E402
-from utils import UserError  # noqa: E402
+from experiment import UserError  # noqa: E402
 
 tf1 = tf.compat.v1
 PREPARE = 'prepare_omniglot.py'

@@ -131,12 +131,16 @@ def test_rerun_is_fast_noop(prepared):
     assert sample.stat().st_mtime_ns == mtime
 
 
-def test_cli_rerun_prints_summary(omniglot_root):
+def test_cli_rerun_prints_summary(omniglot_root, monkeypatch):
     result = run_script('--to', str(omniglot_root))    # complete: nothing to download or redo
     assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(REPO)    # the script ran there: a folder inside the repository shows relative
+    shown = po.display_path(omniglot_root)
+    assert shown == (str(omniglot_root) if not omniglot_root.is_relative_to(REPO)
+                     else 'data/omniglot_resized')
     assert result.stdout.strip().splitlines()[-1] == (
         'omniglot ready: 50 alphabets, 1623 characters, 32460 images (28x28) '
-        f'in {omniglot_root} (already prepared, nothing redone)')
+        f'in {shown} (already prepared, nothing redone)')
 
 
 def test_cli_on_zips_that_are_not_the_full_set(tmp_path, assert_clean_cli_error):

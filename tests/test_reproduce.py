@@ -23,7 +23,8 @@ def run_reproduce(*args, timeout=600, env=None):
 
 
 def table_line(results_md, row):
-    lines = [line for line in results_md.splitlines() if line.startswith('| `{}`'.format(row))]
+    """The row's line in its table (not in the four-column summary)."""
+    lines = [line for line in results_md.splitlines() if line.startswith('| `{}`'.format(row)) and line.count('|') > 6]
     assert len(lines) == 1, results_md
     return [cell.strip() for cell in lines[0].strip('|').split('|')]
 
@@ -55,6 +56,12 @@ def test_tiny_budget_writes_its_row_from_the_csv(first_run):
         mean, _, ci = columns['update%d' % step]
         assert entry['steps'][str(step)] == pytest.approx([mean, ci], rel=1e-6)
     assert entry['pre_update'] == pytest.approx([columns['update0'][0], columns['update0'][2]], rel=1e-6)
+    # Every step's mean and CI (for the figures), and the checkpoint evaluated.
+    assert sorted(entry['all_steps'], key=int) == [str(i) for i in range(11)]
+    for i in range(11):
+        assert entry['all_steps'][str(i)] == pytest.approx([columns['update%d' % i][0], columns['update%d' % i][2]],
+                                                           rel=1e-6)
+    assert entry['checkpoint'].endswith('model59') and (REPO / (entry['checkpoint'] + '.index')).is_file()
     assert entry['iterations'] == 60 and entry['paper_iterations'] == 70000
     cells = table_line(text, ROW)
     mean1, _, ci1 = columns['update1']
@@ -198,6 +205,8 @@ def test_rows_are_the_usage_blocks_commands():
     sine, oracle, pretrained, omniglot5, omniglot20, mini1, mini5 = commands
     expected = {
         'sine_k10_maml_usage': sine, 'sine_k10_oracle': oracle, 'sine_k10_pretrained': pretrained,
+        'sine_k10_pretrained_tuned': pretrained,
+        'sine_k5_pretrained_tuned': reproduce.with_flag(pretrained, 'update_batch_size', 5),
         'sine_k10_maml': sine + ['--update_lr=0.01'],
         'sine_k5_maml': reproduce.with_flag(sine, 'update_batch_size', 5) + ['--update_lr=0.01'],
         'sine_k5_pretrained': reproduce.with_flag(pretrained, 'update_batch_size', 5),
@@ -307,3 +316,30 @@ def test_omniglot_rows_prepare_their_data_from_the_zips_variable(tmp_path, one_l
     one_line_error(result, 'MAML_OMNIGLOT_ZIPS=' + str(OMNIGLOT_SUBSET_ZIPS), 'not the Omniglot set',
                    'found 3 alphabets, 54 characters')
     assert not (tmp_path / 'data' / 'omniglot_resized').exists()
+
+
+def test_results_open_with_a_four_column_summary_whose_verdicts_say_what_they_mean():
+    row = reproduce.ROWS['omniglot_5w1s']           # the paper: 98.7 ± 0.4
+    sine = reproduce.ROWS['sine_k5_maml']           # read off the paper's curve: 0.67, 0.38, 0.35
+    done = dict(status='done', iterations=60000, paper_iterations=60000, pre_update=[0.2, 0.01], train_seconds=60,
+                eval_seconds=9, machine='a machine', date='2026-12-07', commits=['abc1234'])
+    results = {row.name: dict(done, steps={'3': [0.993, 0.0033]}),
+               sine.name: dict(done, iterations=70000, paper_iterations=70000,
+                               steps={'1': [0.605, 0.063], '5': [0.3, 0.1], '10': [0.2, 0.01]})}
+    assert reproduce.verdict(row, results[row.name]) == '3 steps: our interval overlaps the paper\'s'
+    assert reproduce.verdict(row, dict(results[row.name], steps={'3': [0.90, 0.01]})) == \
+        '3 steps: ours is below the paper\'s interval'
+    assert reproduce.verdict(row, dict(results[row.name], steps={'3': [0.999, 0.0001]})) == \
+        '3 steps: ours is above the paper\'s interval'
+    assert reproduce.verdict(sine, results[sine.name]).split('<br>') == [
+        '1 step: ours is lower',
+        '5 steps: ours is lower (the paper\'s value lies inside our interval)',
+        '10 steps: ours is lower']
+    summary = reproduce.render_summary(results)
+    assert summary[0] == '| row | ours (mean ± 95% CI) | paper | verdict |'
+    cells = [[c.strip() for c in line.strip('|').split('|')] for line in summary[2:]]
+    assert [len(c) for c in cells] == [4, 4]
+    assert cells[1] == ['`omniglot_5w1s` Omniglot 5-way 1-shot', '99.30 ± 0.33', '98.70 ± 0.40',
+                        '3 steps: our interval overlaps the paper\'s']
+    text = reproduce.render(results)
+    assert text.index('## Summary') < text.index('## Sinusoid regression') < text.index('## Omniglot')

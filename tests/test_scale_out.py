@@ -16,7 +16,7 @@ import tensorflow as tf
 import devices
 from tests import golden
 from tests.cli import run_main
-from utils import UserError
+from experiment import UserError
 from tests.conftest import GOLDEN, REPO
 
 tf1 = tf.compat.v1
@@ -103,7 +103,8 @@ def test_two_towers_on_logical_cpus_give_the_one_device_meta_update(case, single
     assert golden.compare(str(GOLDEN / 'cases' / case), got)[0][1] <= 1.0
 
 
-@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('case', [pytest.param(c, marks=[pytest.mark.slow] if c.startswith('omniglot') else [])
+                                  for c in CASES])
 def test_one_tower_per_core_gives_the_one_device_meta_update(case, single_device):
     placement = devices.core_towers(4, count=2)    # the cases' meta-batches hold 4 tasks
     assert placement.towers == ['/device:CPU:0'] * 2
@@ -158,16 +159,15 @@ def test_one_tower_per_core_that_divides_the_meta_batch(monkeypatch, cores, meta
 
 
 def test_main_trains_image_data_on_one_tower_per_core(monkeypatch):
-    import main
     monkeypatch.setattr(devices, 'usable_cores', lambda: 2)
     f = types.SimpleNamespace(datasource='omniglot', train=True, meta_batch_size=32, cpu_towers=0, devices='', cluster='')
-    assert main.make_placement(f).towers == ['/device:CPU:0'] * 2
+    assert devices.make_placement(f).towers == ['/device:CPU:0'] * 2
     f.cpu_towers = 1
-    assert main.make_placement(f).towers is None
+    assert devices.make_placement(f).towers is None
     f.cpu_towers, f.datasource = 0, 'sinusoid'      # overhead-bound: towers would only add operations
-    assert main.make_placement(f).towers is None
+    assert devices.make_placement(f).towers is None
     f.datasource, f.train, f.meta_batch_size = 'omniglot', False, 1     # evaluation: one task at a time
-    assert main.make_placement(f).towers is None
+    assert devices.make_placement(f).towers is None
 
 
 @pytest.mark.slow
@@ -273,7 +273,7 @@ def test_a_worker_killed_mid_run_stops_the_chief_with_one_line_and_keeps_the_che
 
 
 def golden_free_check(path):
-    from utils import checkpoint_problem
+    from experiment import checkpoint_problem
     return checkpoint_problem(str(path)) is None
 
 

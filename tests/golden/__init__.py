@@ -35,16 +35,17 @@ def load_case(case_dir):
         'after_pretrain': npz('weights_after_3_pretrain_steps')}
 
 
-def model_config(flags, moments_stop_gradient=True):
+def model_config(flags, moments_stop_gradient=True, fast_paths='auto'):
     """The case's flags as a ModelConfig. The golden cases were computed with TF 2.21's
     tf.nn.moments, which stops the gradient through the mean inside the variance (TF >= 1.3):
-    moments_stop_gradient=True is what they pin; False is the port's default (TF 1.1/1.2's)."""
+    moments_stop_gradient=True is what they pin; False is the port's default (TF 1.1/1.2's).
+    fast_paths: 'auto' (fast_paths.py where it pays) or 'off' (maml.py's plain definition)."""
     fields = {f.name for f in ModelConfig.__dataclass_fields__.values()}
-    return ModelConfig(moments_stop_gradient=moments_stop_gradient,
+    return ModelConfig(moments_stop_gradient=moments_stop_gradient, fast_paths=fast_paths,
                        **{k: v for k, v in flags.items() if k in fields and v is not None})
 
 
-def compute_case(case_dir, placement=None, moments_stop_gradient=True):
+def compute_case(case_dir, placement=None, moments_stop_gradient=True, fast_paths='auto'):
     """Runs the port on one case; returns {quantity name: value} in outputs.npz's naming.
 
     `placement` (devices.Placement): towers on local devices or cluster workers; default one device."""
@@ -52,7 +53,7 @@ def compute_case(case_dir, placement=None, moments_stop_gradient=True):
     placement = placement or devices.single_device()
     graph = tf.Graph()
     with graph.as_default(), (tf.device(placement.param_device) if placement.param_device else nullcontext()):
-        model = MAML(model_config(case['flags'], moments_stop_gradient), case['dim_input'], case['dim_output'],
+        model = MAML(model_config(case['flags'], moments_stop_gradient, fast_paths), case['dim_input'], case['dim_output'],
                      test_num_updates=case['test_num_updates'], towers=placement.towers,
                      param_device=placement.param_device)
         placeholders = {k: tf1.placeholder(tf.float32, [v.shape[0], None, v.shape[2]], name=k)
@@ -157,8 +158,8 @@ def compare_with(case_dir, results, expected):
     return sorted(ratios, key=lambda r: -r[1])
 
 
-def check_case(case_dir, verbose=True, placement=None, save=None):
-    results = compute_case(case_dir, placement)
+def check_case(case_dir, verbose=True, placement=None, save=None, fast_paths='auto'):
+    results = compute_case(case_dir, placement, fast_paths=fast_paths)
     if save:
         np.savez(save, **results)
     ratios = compare(case_dir, results)
@@ -177,13 +178,15 @@ def main(argv):
     parser.add_argument('--devices', default='', help='towers on these local devices, as main.py --devices')
     parser.add_argument('--cluster', default='', help='towers on these workers, as main.py --cluster')
     parser.add_argument('--save', default='', help='with one case: write the computed quantities to this .npz')
+    parser.add_argument('--fast_paths', default='auto', choices=('auto', 'off'), help='as main.py --fast_paths')
     args = parser.parse_args(argv)
     if not args.cases:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     placement = (devices.cluster_placement(args.cluster) if args.cluster else
                  devices.local_placement(args.devices) if args.devices else None)
-    failed = [d for d in args.cases if check_case(d, placement=placement, save=args.save or None)]
+    failed = [d for d in args.cases if check_case(d, placement=placement, save=args.save or None,
+                                                  fast_paths=args.fast_paths)]
     print('golden: {} of {} cases match'.format(len(args.cases) - len(failed), len(args.cases)))
     return 1 if failed else 0
 
