@@ -26,7 +26,6 @@ gets is `Capabilities.of`: measured per kind of device.
 """
 import hashlib
 import inspect
-import os
 import sys
 
 import numpy as np
@@ -45,20 +44,6 @@ def _onednn_enabled():
         return bool(_pywrap_util_port.IsMklEnabled())
     except (ImportError, AttributeError):
         return False
-
-
-def cpu_isa():
-    """'avx512' where oneDNN runs its AVX-512 kernels here (the CPU has them, and ONEDNN_MAX_CPU_ISA
-    does not hold oneDNN below them), else 'avx2' (or older: the same choices)."""
-    limit = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
-    if not (limit in ('ALL', 'DEFAULT') or limit.startswith(('AVX512', 'AVX10'))):
-        return 'avx2'
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
-    except OSError:   # not Linux: assume the newer kind
-        return 'avx512'
-    return 'avx512' if 'avx512f' in flags else 'avx2'
 
 
 def _is_gpu(device):
@@ -80,6 +65,11 @@ class Capabilities:
         oneDNN the golden first-order case lands on the other side of a ReLU near-tie).
     first_layer_from_patches: the first layer's batch norm from its input's patch moments (with
         grouped convolutions and the fused gradient; batch norm without max pooling).
+
+    Per kind of CPU: each of these, and the towers, was timed switched off in turn
+    (bench/bench_forms.py) with oneDNN's AVX-512 kernels and held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
+    as on an AVX2-only AMD EPYC). Every one paid on both, so the choice does not depend on the
+    instruction set (bench/README.md has the figures).
     """
 
     def __init__(self, grouped_conv, fused_bn_grad, blocked_sums, first_layer_from_patches):

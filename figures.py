@@ -10,7 +10,9 @@
 - Figure 3: mean squared error against gradient steps 0-10 at meta-test time, MAML against the
   pre-trained baseline, the 95% interval as a band, the paper's values on the same axes.
 - For each Omniglot row: validation accuracy against iteration (its --validate_checkpoints data), the
-  paper's number and interval as a band; the two meta-gradients through batch norm on one plot.
+  paper's number and interval as a band; the two meta-gradients through batch norm on one plot. A
+  dotted line beside it: the validation accuracy main.py printed while training (one meta-batch
+  every 500 iterations, averaged over 5), which covers the whole run where the sweep does not.
 
 The `*_data` functions return what a figure plots (tests check them against their sources); the
 `draw_*` functions need matplotlib (requirements-figures.txt).
@@ -133,6 +135,24 @@ def omniglot_validation_data(results, rows, names):
     return curves
 
 
+TRAINING_CURVE_AVERAGE = 5   # consecutive validation prints averaged (2,500 iterations): one is 160-320 answers
+
+
+def omniglot_training_curve_data(results, name):
+    """The validation accuracy main.py printed while training the row (one validation meta-batch every
+    500 iterations, after num_updates inner steps; the runner keeps them as the row's 'curve'):
+    (iterations, accuracy averaged over TRAINING_CURVE_AVERAGE consecutive prints, placed at the
+    middle one), or None where the row has fewer prints."""
+    curve = results.get(name, {}).get('curve') or {}
+    if len(curve) < TRAINING_CURVE_AVERAGE:
+        return None
+    iterations = np.array(sorted(int(i) for i in curve))
+    post = np.array([curve[str(i)][1] for i in iterations], float)
+    averaged = np.convolve(post, np.ones(TRAINING_CURVE_AVERAGE) / TRAINING_CURVE_AVERAGE, mode='valid')
+    middle = TRAINING_CURVE_AVERAGE // 2
+    return iterations[middle:middle + len(averaged)], averaged
+
+
 ## Drawing
 def draw_figure2(task, fits, k, path):
     plt = require_matplotlib()
@@ -163,34 +183,39 @@ def draw_figure3(curves, paper, k, path):
         if name in paper:
             axis.plot(*paper[name], 'x', color=color, markersize=9, markeredgewidth=2,
                       label='{}: the paper'.format(label.split(' (')[0]))
-    axis.set_xlabel('number of gradient steps')
-    axis.set_ylabel('mean squared error')
-    axis.set_title('K={} test-time learning curves (600 tasks, 95% interval)'.format(k))
     axis.set_xticks(range(STEPS + 1))
     axis.set_ylim(bottom=0)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
+    _label_and_save(plt, figure, axis, 'number of gradient steps', 'mean squared error',
+                    'K={} test-time learning curves (600 tasks, 95% interval)'.format(k), path)
 
 
-def draw_omniglot(curves, names, title, path):
+def draw_omniglot(curves, training_curves, names, title, path):
     plt = require_matplotlib()
     figure, axis = plt.subplots(figsize=(7, 4))
     colors = ('green', 'tab:red', 'tab:blue', 'tab:purple')
     paper_drawn = set()
     for name, color in zip(names, colors):
         iterations, mean, ci, (paper_mean, paper_ci) = curves[name]
-        axis.plot(iterations, 100 * mean, '-o', color=color, markersize=3, label='{} (ours, validation)'.format(name))
+        axis.plot(iterations, 100 * mean, '-o', color=color, markersize=3,
+                  label='{}: 600 validation tasks per checkpoint'.format(name))
         axis.fill_between(iterations, 100 * (mean - ci), 100 * (mean + ci), color=color, alpha=0.15)
+        if training_curves.get(name) is not None:
+            printed_at, accuracy = training_curves[name]
+            axis.plot(printed_at, 100 * accuracy, ':', color=color, linewidth=1,
+                      label='{}: while training (mean of {} validation batches)'.format(name, TRAINING_CURVE_AVERAGE))
         if (paper_mean, paper_ci) not in paper_drawn:
             paper_drawn.add((paper_mean, paper_ci))
             axis.axhspan(100 * (paper_mean - paper_ci), 100 * (paper_mean + paper_ci), color='gray', alpha=0.3,
                          label='the paper: {:.1f} ± {:.1f}'.format(100 * paper_mean, 100 * paper_ci))
-    axis.set_xlabel('meta-training iterations')
-    axis.set_ylabel('accuracy % (600 validation tasks)')
+    _label_and_save(plt, figure, axis, 'meta-training iterations', 'accuracy % (validation tasks)', title, path,
+                    legend_at='lower right')
+
+
+def _label_and_save(plt, figure, axis, xlabel, ylabel, title, path, legend_at='best'):
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
-    axis.legend(fontsize=8, loc='lower right')
+    axis.legend(fontsize=8, loc=legend_at)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
@@ -218,14 +243,15 @@ def write_figures(results, rows, folder, repo=None):
                                           'paper'.format(k)))
     omniglot = [name for name, row in rows.items() if row.table == 'omniglot']
     curves = omniglot_validation_data(results, rows, omniglot)
+    training = {name: omniglot_training_curve_data(results, name) for name in curves}
     if all(name in curves for name in BATCH_NORM_ROWS):
         path = folder / 'omniglot_5w1s_batch_norm_meta_gradients.png'
-        draw_omniglot(curves, list(BATCH_NORM_ROWS), 'Omniglot 5-way 1-shot: TF 1.2\'s meta-gradient through batch '
-                      'norm (default) against TF >= 1.3\'s', path)
+        draw_omniglot(curves, training, list(BATCH_NORM_ROWS), 'Omniglot 5-way 1-shot, the meta-gradient through batch '
+                      'norm:\nTF 1.2\'s (the default) against TF >= 1.3\'s (--moments_stop_gradient=True)', path)
         written.append(('omniglot', path, 'Omniglot 5-way 1-shot, both meta-gradients through batch norm'))
     for name in omniglot:
         if name in curves and name not in BATCH_NORM_ROWS:
             path = folder / '{}_validation.png'.format(name)
-            draw_omniglot(curves, [name], '{}: validation accuracy'.format(rows[name].label), path)
+            draw_omniglot(curves, training, [name], '{}: validation accuracy'.format(rows[name].label), path)
             written.append(('omniglot', path, rows[name].label))
     return written

@@ -111,6 +111,15 @@ def test_omniglot_curves_are_the_validation_sweep_with_the_papers_band():
     np.testing.assert_allclose(paper, (0.987, 0.004))
 
 
+def test_omniglot_training_curve_is_the_printed_validation_averaged_over_five():
+    printed = {str(500 * i): [0.2, 0.5 + 0.01 * i] for i in range(1, 8)}     # as the runner records them
+    iterations, accuracy = figures.omniglot_training_curve_data({'omniglot_5w1s': {'curve': printed}}, 'omniglot_5w1s')
+    np.testing.assert_array_equal(iterations, [1500, 2000, 2500])     # the middle of each five
+    np.testing.assert_allclose(accuracy, [0.53, 0.54, 0.55])
+    few = {'curve': {'500': [0.2, 0.5], '1000': [0.2, 0.6]}}
+    assert figures.omniglot_training_curve_data({'omniglot_5w1s': few}, 'omniglot_5w1s') is None
+
+
 BLOCK_MATPLOTLIB = """import sys
 class Blocked:
     def find_spec(self, name, path=None, target=None):
